@@ -1,0 +1,1 @@
+"""Where jobs run: cloud providers and the local machine, behind one contract (infra.base)."""

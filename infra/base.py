@@ -1,0 +1,82 @@
+"""The contract between the run pipeline and the places a job can run.
+
+A Provider owns the machine's lifecycle (what costs money); a Host runs the job's
+containers on that machine once it is up. The pipeline only speaks these two interfaces,
+so adding a cloud never touches the phase order. Typed records cross the boundary, not
+dicts, and every provider declares up front what it can do, so unsupported phases are
+skipped visibly instead of failing half-way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+OutputSink = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a provider can do; the pipeline skips phases a provider has no use for."""
+
+    instances: bool
+    """True when there is a machine to create, boot and stop (False: runs right here)."""
+    power_modes: bool
+    """True when the machine can boot without its GPU for cheap set-up work."""
+
+
+@dataclass(frozen=True)
+class ContainerRun:
+    """One command to run in the job's image, with the standard mounts (/data, /job, /out)."""
+
+    name: str
+    image_id: str
+    script: str
+    env: dict[str, str] = field(default_factory=dict)
+    gpus: int = 0
+
+
+@dataclass(frozen=True)
+class Workspace:
+    """The run's folders as the Host sees them: mounted at /data, /job and /out."""
+
+    data: Path
+    job: Path
+    out: Path
+
+
+class Host(Protocol):
+    """Where one run's containers execute."""
+
+    def ensure_image(self, image_id: str) -> None:
+        """Make the image available to this host, or raise ProviderFailure."""
+
+    def put_input(self, src: Path, dest: str) -> None:
+        """Place a local file at /data/<dest> (dest already validated as relative and inside)."""
+
+    def put_job_file(self, name: str, content: bytes) -> None:
+        """Place a small file at /job/<name> (the spec, its resolved form)."""
+
+    def run(self, request: ContainerRun, on_output: OutputSink) -> int:
+        """Run the command to completion, streaming its output lines; return its exit code."""
+
+    def fetch_outputs(self, outputs: tuple[str, ...], dest: Path) -> list[Path]:
+        """Copy the given /out paths (files or folders) under dest; return the local files.
+
+        Raises RunFailed when a declared output is missing, and refuses anything that is
+        not a regular file inside /out (symlinks, devices)."""
+
+    def close(self, *, keep_workspace: bool) -> None:
+        """Stop and remove anything left running; drop the workspace unless asked to keep it."""
+
+
+class Provider(Protocol):
+    """A place to run jobs. Lifecycle verbs arrive with the providers that need them."""
+
+    type: str
+    capabilities: Capabilities
+
+    def open_host(self, run_id: str) -> Host:
+        """The host for this run (for local and ssh providers, the one machine there is)."""

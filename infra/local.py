@@ -1,0 +1,139 @@
+"""The local provider: this machine's Docker engine, no instance and no SSH.
+
+It is the embedded default, so a first `runner submit` works before any cloud account
+exists, and it exercises the same pipeline as the rented providers. Containers run as the
+invoking user so the files they write in /out belong to that user.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from infra.base import Capabilities, ContainerRun, OutputSink, Workspace
+from runner.errors import ProviderFailure, RunFailed
+from runner.home import private_dir, runner_home
+
+LABEL = "dev.runner.run-id"
+
+
+class LocalProvider:
+    type = "local"
+    capabilities = Capabilities(instances=False, power_modes=False)
+
+    def open_host(self, run_id: str) -> LocalHost:
+        root = private_dir(runner_home() / "work" / run_id)
+        workspace = Workspace(data=root / "data", job=root / "job", out=root / "out")
+        for folder in (workspace.data, workspace.job, workspace.out):
+            folder.mkdir(exist_ok=True)
+        return LocalHost(run_id, root, workspace)
+
+
+class LocalHost:
+    def __init__(self, run_id: str, root: Path, workspace: Workspace) -> None:
+        from runner.images import docker_client
+
+        self.run_id = run_id
+        self.root = root
+        self.workspace = workspace
+        self._client = docker_client()
+
+    def ensure_image(self, image_id: str) -> None:
+        from docker.errors import ImageNotFound
+
+        try:
+            self._client.images.get(image_id)
+        except ImageNotFound:
+            raise ProviderFailure(f"image {image_id} vanished from the local engine") from None
+
+    def put_input(self, src: Path, dest: str) -> None:
+        target = self.workspace.data / dest
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, target)
+
+    def put_job_file(self, name: str, content: bytes) -> None:
+        (self.workspace.job / name).write_bytes(content)
+
+    def run(self, request: ContainerRun, on_output: OutputSink) -> int:
+        from docker.errors import APIError
+        from docker.types import DeviceRequest
+
+        devices = [DeviceRequest(count=request.gpus, capabilities=[["gpu"]])] if request.gpus else None
+        try:
+            container = self._client.containers.run(
+                request.image_id,
+                command=["sh", "-c", request.script],
+                environment={"HOME": "/tmp", **request.env},
+                volumes={
+                    str(self.workspace.data): {"bind": "/data", "mode": "rw"},
+                    str(self.workspace.job): {"bind": "/job", "mode": "ro"},
+                    str(self.workspace.out): {"bind": "/out", "mode": "rw"},
+                },
+                working_dir="/data",
+                user=f"{os.getuid()}:{os.getgid()}",
+                labels={LABEL: self.run_id, "dev.runner.step": request.name},
+                device_requests=devices,
+                detach=True,
+            )
+        except APIError as exc:
+            raise ProviderFailure(
+                f"cannot start container for {request.name}: {exc.explanation or exc}"
+            ) from None
+        try:
+            _stream_lines(container.logs(stream=True, follow=True), on_output)
+            return int(container.wait()["StatusCode"])
+        finally:
+            container.remove(force=True)
+
+    def fetch_outputs(self, outputs: tuple[str, ...], dest: Path) -> list[Path]:
+        from runner.files import copy_hashed
+
+        out_root = self.workspace.out.resolve()
+        copied: list[Path] = []
+        missing: list[str] = []
+        for output in outputs:
+            source = out_root / output.removeprefix("/out").lstrip("/")
+            if not source.exists() and not source.is_symlink():
+                missing.append(output)
+                continue
+            for file in _regular_files(source, out_root):
+                target = dest / file.relative_to(out_root)
+                copy_hashed(file, target)
+                copied.append(target)
+        if missing:
+            raise RunFailed(f"declared outputs were not written: {', '.join(missing)}")
+        return copied
+
+    def close(self, *, keep_workspace: bool) -> None:
+        for container in self._client.containers.list(all=True, filters={"label": f"{LABEL}={self.run_id}"}):
+            container.remove(force=True)
+        self._client.close()
+        if not keep_workspace:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _regular_files(path: Path, root: Path) -> list[Path]:
+    """The regular files at or under path, refusing links and anything outside root."""
+    if path.is_symlink() or not path.resolve().is_relative_to(root):
+        raise RunFailed(f"output {path.relative_to(root)} is a link; refusing to follow it")
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise RunFailed(f"output {path.relative_to(root)} is not a regular file or folder")
+    files: list[Path] = []
+    for child in sorted(path.iterdir()):
+        files.extend(_regular_files(child, root))
+    return files
+
+
+def _stream_lines(chunks, on_output: OutputSink) -> None:
+    """Re-cut a byte stream into lines (chunks do not follow line ends)."""
+    pending = b""
+    for chunk in chunks:
+        pending += chunk
+        *lines, pending = pending.split(b"\n")
+        for line in lines:
+            on_output(line.decode("utf-8", errors="replace").rstrip("\r"))
+    if pending:
+        on_output(pending.decode("utf-8", errors="replace"))

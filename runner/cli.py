@@ -1,0 +1,148 @@
+"""The `runner` command line: parse, call one function, format. No logic lives here.
+
+Heavy modules are imported inside the commands so `runner --help` stays fast. `--json`
+prints exactly one JSON document on stdout; everything for humans goes to stderr.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import traceback
+from datetime import datetime
+from pathlib import Path
+
+import click
+
+from runner import __version__
+
+
+def _emit_json(payload: object) -> None:
+    click.echo(json.dumps(payload, indent=2, ensure_ascii=False, default=str))
+
+
+def _errors_handled(command):
+    """Turn known errors into one-line messages and exit codes; unknown ones into a bug report."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        from runner.errors import RunnerError
+
+        as_json = kwargs.get("as_json", False)
+        try:
+            return command(*args, **kwargs)
+        except RunnerError as exc:
+            if as_json:
+                _emit_json({"error": exc.message, "details": exc.details, "exit_code": exc.exit_code})
+            click.echo(f"error: {exc.message}", err=True)
+            for line in exc.details:
+                click.echo(f"  {line}", err=True)
+            sys.exit(exc.exit_code)
+        except (click.exceptions.Exit, click.ClickException, SystemExit, KeyboardInterrupt):
+            raise
+        except Exception:
+            traceback.print_exc()
+            click.echo("error: unexpected failure; this is a bug in runner, please report it", err=True)
+            sys.exit(1)
+
+    return wrapper
+
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="runner")
+def main() -> None:
+    """Run an ML fine-tuning job on a rented GPU (or this machine) and bring the results back."""
+
+
+@main.command()
+@click.argument("job", type=click.Path(dir_okay=False, path_type=Path))
+@json_option
+@_errors_handled
+def validate(job: Path, as_json: bool) -> None:
+    """Check a job spec without running anything (exit 2 when it is invalid)."""
+    from runner.spec import load_spec
+
+    loaded = load_spec(job)
+    if as_json:
+        _emit_json({"valid": True, "name": loaded.spec.name, "spec_sha256": loaded.sha256})
+    else:
+        click.echo(f"{job}: valid job spec '{loaded.spec.name}'", err=True)
+
+
+@main.command()
+@click.argument("job", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("runs"),
+    show_default=True,
+    help="Folder that receives runs/<run-id>/.",
+)
+@click.option("-q", "--quiet", is_flag=True, help="Only print phase failures and the result.")
+@json_option
+@_errors_handled
+def submit(job: Path, out_dir: Path, quiet: bool, as_json: bool) -> None:
+    """Run JOB end to end: plan, stage, train, collect, tear down."""
+    from runner.console import Reporter
+    from runner.pipeline import submit as submit_job
+
+    result = submit_job(job, out_dir, Reporter(quiet=quiet))
+    if as_json:
+        _emit_json(result.to_dict())
+    else:
+        _print_result(result)
+    sys.exit(result.exit_code)
+
+
+@main.command()
+@click.argument("run_ref", metavar="RUN")
+@json_option
+@_errors_handled
+def status(run_ref: str, as_json: bool) -> None:
+    """Show one run (by id or unique id prefix): its phases and artifacts."""
+    from runner.pipeline import run_status
+
+    result = run_status(run_ref)
+    if as_json:
+        _emit_json(result.to_dict())
+    else:
+        _print_result(result)
+
+
+@main.command()
+@click.option("-n", "--limit", type=click.IntRange(1, 10000), default=20, show_default=True)
+@json_option
+@_errors_handled
+def runs(limit: int, as_json: bool) -> None:
+    """List recent runs, newest first."""
+    from runner.pipeline import list_runs
+
+    records = list_runs(limit)
+    if as_json:
+        _emit_json({"runs": [vars(r) for r in records]})
+        return
+    if not records:
+        click.echo("no runs yet", err=True)
+        return
+    click.echo(f"{'RUN':<44} {'STATUS':<12} {'EXIT':>4}  CREATED")
+    for record in records:
+        created = datetime.fromtimestamp(record.created_at).strftime("%Y-%m-%d %H:%M:%S")
+        code = "" if record.exit_code is None else str(record.exit_code)
+        click.echo(f"{record.id:<44} {record.status:<12} {code:>4}  {created}")
+
+
+def _print_result(result) -> None:
+    run = result.run
+    click.echo(f"run {run.id}: {run.status}" + (f" ({run.error})" if run.error else ""))
+    for phase in result.phases:
+        seconds = "" if phase.seconds is None else f"{phase.seconds:8.1f}s"
+        detail = f"  {phase.detail}" if phase.detail else ""
+        click.echo(f"  {phase.name:<10} {phase.status:<12} {seconds}{detail}")
+    for artifact in result.artifacts:
+        click.echo(f"  {artifact.path}  {artifact.bytes} bytes  sha256:{artifact.sha256[:16]}")
+    click.echo(f"  folder: {run.run_dir}")

@@ -1,0 +1,33 @@
+"""Human-facing progress on stderr, so stdout stays free for `--json`."""
+
+from __future__ import annotations
+
+import sys
+from typing import TextIO
+
+
+class Reporter:
+    """Prints phase transitions and (unless quiet) the output of the job's commands."""
+
+    def __init__(self, *, quiet: bool = False, stream: TextIO | None = None) -> None:
+        self.quiet = quiet
+        self.stream = stream or sys.stderr
+
+    def _write(self, text: str) -> None:
+        print(text, file=self.stream, flush=True)
+
+    def info(self, text: str) -> None:
+        if not self.quiet:
+            self._write(text)
+
+    def warn(self, text: str) -> None:
+        self._write(f"warning: {text}")
+
+    def phase(self, name: str, status: str, detail: str = "") -> None:
+        if not self.quiet:
+            suffix = f" ({detail})" if detail else ""
+            self._write(f"==> {name}: {status}{suffix}")
+
+    def output(self, source: str, line: str) -> None:
+        if not self.quiet:
+            self._write(f"[{source}] {line}")

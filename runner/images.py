@@ -1,0 +1,194 @@
+"""The job's image: built on the laptop (or pinned by digest), identified by content.
+
+A run is reproducible only if we know exactly which image it used, so every image is
+recorded by its ID (the config digest) and, where a registry knows it, its repo digest.
+The base image named in the Dockerfile's FROM is resolved the same way and written to the
+job's lock file next to the spec, so `git diff` shows when the base moved.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from runner.errors import BadInput, ProviderFailure, RunFailed
+from runner.files import write_json_atomic
+from runner.spec import LoadedSpec
+
+LogSink = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """One image as the engine knows it."""
+
+    ref: str
+    id: str
+    repo_digests: tuple[str, ...] = ()
+    size: int = 0
+
+    @property
+    def pinned(self) -> str:
+        """The most portable exact reference: a repo digest if any, else the image ID."""
+        return self.repo_digests[0] if self.repo_digests else self.id
+
+
+@dataclass(frozen=True)
+class ResolvedImage:
+    """The job's image and, when it was built, the base it was built on."""
+
+    image: ImageInfo
+    base: ImageInfo | None = None
+    build_args: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def docker_client():
+    """A client for the local engine, or a one-line error saying why there is none."""
+    from docker.errors import DockerException
+
+    import docker
+
+    try:
+        client = docker.from_env(timeout=600)
+        client.ping()
+    except DockerException as exc:
+        raise ProviderFailure(
+            f"cannot reach the Docker engine ({_first_line(exc)}); is dockerd running?"
+        ) from None
+    return client
+
+
+def resolve_image(loaded: LoadedSpec, log: LogSink) -> ResolvedImage:
+    """Build the spec's image or check its pinned reference; return what it resolved to."""
+    client = docker_client()
+    image_spec = loaded.spec.image
+    if image_spec.ref is not None:
+        return ResolvedImage(image=_pinned(client, image_spec.ref))
+    build = image_spec.build
+    context = loaded.resolve(build.context)
+    dockerfile = (context / build.dockerfile).resolve()
+    tag = build.tag or f"runner/{loaded.spec.name}:latest"
+    image = _build(client, context, dockerfile, dict(build.args), tag, log)
+    base_ref = base_image_ref(dockerfile.read_text(encoding="utf-8"), dict(build.args))
+    base = _inspect(client, base_ref) if base_ref else None
+    return ResolvedImage(image=image, base=base, build_args=dict(build.args))
+
+
+def _pinned(client, ref: str) -> ImageInfo:
+    from docker.errors import ImageNotFound
+
+    try:
+        return _inspect(client, ref)
+    except ImageNotFound:
+        pass
+    if ref.startswith("sha256:"):
+        raise BadInput(f"image {ref} is not in the local engine; build it or `docker load` it, then retry")
+    try:
+        client.images.pull(ref)
+    except Exception as exc:  # the SDK raises several unrelated types for a failed pull
+        raise ProviderFailure(f"cannot pull pinned image {ref}: {_first_line(exc)}") from None
+    return _inspect(client, ref)
+
+
+def _inspect(client, ref: str) -> ImageInfo:
+    attrs = client.api.inspect_image(ref)
+    return ImageInfo(
+        ref=ref,
+        id=attrs["Id"],
+        repo_digests=tuple(attrs.get("RepoDigests") or ()),
+        size=int(attrs.get("Size") or 0),
+    )
+
+
+def _build(
+    client, context: Path, dockerfile: Path, args: dict[str, str], tag: str, log: LogSink
+) -> ImageInfo:
+    from docker.errors import APIError
+
+    image_id = None
+    try:
+        stream = client.api.build(
+            path=str(context),
+            dockerfile=str(dockerfile),
+            buildargs=args,
+            tag=tag,
+            rm=True,
+            forcerm=True,
+            decode=True,
+        )
+        for chunk in stream:
+            if "error" in chunk:
+                raise RunFailed(f"image build failed: {chunk['error'].strip()}")
+            text = chunk.get("stream", "")
+            for line in text.splitlines():
+                if line.strip():
+                    log(line.rstrip())
+            image_id = chunk.get("aux", {}).get("ID", image_id)
+    except APIError as exc:
+        raise RunFailed(f"image build failed: {_first_line(exc)}") from None
+    return _inspect(client, image_id or tag)
+
+
+_ARG = re.compile(r"\$(?:\{(\w+)\}|(\w+))")
+
+
+def base_image_ref(dockerfile_text: str, build_args: dict[str, str]) -> str | None:
+    """The image the Dockerfile's final stage starts from, with ARGs substituted.
+
+    Returns None for `FROM scratch` or when the final stage builds on an earlier stage.
+    """
+    defaults: dict[str, str] = {}
+    stages: set[str] = set()
+    base = None
+    for line in _instructions(dockerfile_text):
+        word, _, rest = line.partition(" ")
+        word = word.upper()
+        if word == "ARG" and base is None:
+            name, _, value = rest.strip().partition("=")
+            defaults[name.strip()] = value.strip().strip('"')
+        elif word == "FROM":
+            parts = [p for p in rest.split() if not p.startswith("--")]
+            base = _substitute(parts[0], {**defaults, **build_args})
+            if len(parts) >= 3 and parts[1].upper() == "AS":
+                stages.add(parts[2].lower())
+    if base is None or base == "scratch" or base.lower() in stages:
+        return None
+    return base
+
+
+def _substitute(text: str, values: dict[str, str]) -> str:
+    return _ARG.sub(lambda m: values.get(m.group(1) or m.group(2), ""), text)
+
+
+def _instructions(text: str) -> list[str]:
+    """Dockerfile lines with comments dropped and continuations joined."""
+    joined = re.sub(r"\\\s*\n", " ", text)
+    return [s.strip() for s in joined.splitlines() if s.strip() and not s.strip().startswith("#")]
+
+
+def lock_path(loaded: LoadedSpec) -> Path:
+    return loaded.path.with_name(loaded.path.stem + ".lock.json")
+
+
+def write_lock(loaded: LoadedSpec, resolved: ResolvedImage) -> Path:
+    """Record the images a job resolved to next to its spec (atomically)."""
+    path = lock_path(loaded)
+    payload = {
+        "job": loaded.spec.name,
+        "spec_sha256": loaded.sha256,
+        "image": asdict(resolved.image),
+        "base": asdict(resolved.base) if resolved.base else None,
+        "build_args": resolved.build_args,
+    }
+    write_json_atomic(path, payload)
+    return path
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]

@@ -1,0 +1,302 @@
+"""The run's phase state machine: the only place that knows the order of phases.
+
+Each phase is recorded in the store before it starts and after it ends, so `runner status`
+always tells where a run is and why it stopped. Phases a provider has no use for are
+recorded as skipped with the reason. Teardown runs whatever happened before it: nothing
+the run started may outlive it.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from infra.base import ContainerRun, Host, Provider
+from infra.registry import provider_for
+from runner import manifest
+from runner.console import Reporter
+from runner.errors import EXIT_OK, BadInput, RunFailed, RunnerError
+from runner.files import sha256_file
+from runner.images import ResolvedImage, resolve_image, write_lock
+from runner.manifest import Artifact, InputRecord
+from runner.spec import LoadedSpec, load_spec
+from runner.store import Phase, Run, Store, open_store
+
+PHASES = ("plan", "provision", "stage", "boot_gpu", "train", "collect", "teardown")
+EXIT_INTERRUPTED = 130
+
+
+@dataclass
+class RunContext:
+    """What the phases share while one run executes."""
+
+    store: Store
+    run: Run
+    loaded: LoadedSpec
+    run_dir: Path
+    provider: Provider
+    reporter: Reporter
+    host: Host | None = None
+    image: ResolvedImage | None = None
+    inputs: list[InputRecord] = field(default_factory=list)
+    artifacts: list[Artifact] = field(default_factory=list)
+    failed: bool = False
+
+    def log_sink(self, log_name: str, source: str) -> Callable[[str], None]:
+        """A callback that appends a line to logs/<log_name> and echoes it to the terminal."""
+        path = self.run_dir / "logs" / log_name
+        handle = path.open("a", encoding="utf-8")
+        self._open_logs.append(handle)
+
+        def sink(line: str) -> None:
+            handle.write(line + "\n")
+            handle.flush()
+            self.reporter.output(source, line)
+
+        return sink
+
+    def close_logs(self) -> None:
+        for handle in self._open_logs:
+            handle.close()
+        self._open_logs.clear()
+
+    def __post_init__(self) -> None:
+        self._open_logs: list = []
+
+
+@dataclass(frozen=True)
+class RunResult:
+    run: Run
+    phases: list[Phase]
+    artifacts: list[Artifact]
+
+    @property
+    def exit_code(self) -> int:
+        return self.run.exit_code if self.run.exit_code is not None else EXIT_OK
+
+    def to_dict(self) -> dict:
+        return {
+            "run_id": self.run.id,
+            "status": self.run.status,
+            "exit_code": self.exit_code,
+            "error": self.run.error,
+            "phases": [{"name": p.name, "status": p.status, "seconds": p.seconds} for p in self.phases],
+            "artifacts": [vars(a) for a in self.artifacts],
+            "run_dir": self.run.run_dir,
+        }
+
+
+def submit(spec_path: str | Path, out_root: Path, reporter: Reporter) -> RunResult:
+    """Validate the spec, record a new run and drive it through every phase."""
+    loaded = load_spec(spec_path)
+    provider = provider_for(loaded.spec.provider)
+    with open_store() as store:
+        run_id = _new_run_id(loaded.spec.name)
+        run_dir = _make_run_dir(out_root, run_id)
+        run = Run(
+            id=run_id,
+            job_name=loaded.spec.name,
+            spec_path=str(loaded.path),
+            spec_sha256=loaded.sha256,
+            provider=provider.type,
+            run_dir=str(run_dir),
+            status="running",
+            created_at=time.time(),
+        )
+        store.create_run(run)
+        store.add_event(run_id, "run.created", spec=str(loaded.path), provider=provider.type)
+        reporter.info(f"run {run_id} -> {run_dir}")
+        ctx = RunContext(store, run, loaded, run_dir, provider, reporter)
+        return _execute(ctx)
+
+
+def _execute(ctx: RunContext) -> RunResult:
+    status, exit_code, error = "succeeded", EXIT_OK, None
+    try:
+        for name in PHASES[:-1]:
+            _run_phase(ctx, name)
+    except RunnerError as exc:
+        status, exit_code, error = "failed", exc.exit_code, exc.message
+    except KeyboardInterrupt:
+        status, exit_code, error = "interrupted", EXIT_INTERRUPTED, "interrupted by the user"
+    finally:
+        ctx.failed = status != "succeeded"
+        teardown_error = _teardown_safely(ctx)
+        if teardown_error and status == "succeeded":
+            status, exit_code, error = "failed", teardown_error.exit_code, teardown_error.message
+        ctx.close_logs()
+    store = ctx.store
+    store.finish_run(ctx.run.id, status, exit_code, error)
+    store.add_event(ctx.run.id, "run.finished", status=status, exit_code=exit_code, error=error)
+    run = store.get_run(ctx.run.id)
+    phases = store.phases(run.id)
+    manifest.write(ctx, run, phases)
+    ctx.reporter.phase("run", status, error or "")
+    return RunResult(run=run, phases=phases, artifacts=ctx.artifacts)
+
+
+def _teardown_safely(ctx: RunContext) -> RunnerError | None:
+    try:
+        _run_phase(ctx, "teardown")
+    except RunnerError as exc:
+        ctx.reporter.warn(f"teardown failed: {exc.message}")
+        return exc
+    return None
+
+
+def _run_phase(ctx: RunContext, name: str) -> None:
+    step, skip_reason = PHASE_STEPS[name], _skip_reason(ctx, name)
+    if skip_reason:
+        ctx.store.skip_phase(ctx.run.id, name, skip_reason)
+        ctx.reporter.phase(name, "skipped", skip_reason)
+        return
+    attempt = ctx.store.start_phase(ctx.run.id, name)
+    ctx.reporter.phase(name, "started")
+    started = time.monotonic()
+    try:
+        step(ctx)
+    except RunnerError as exc:
+        ctx.store.end_phase(ctx.run.id, name, attempt, "failed", exc.message)
+        ctx.reporter.phase(name, "failed", exc.message)
+        raise
+    except KeyboardInterrupt:
+        ctx.store.end_phase(ctx.run.id, name, attempt, "interrupted")
+        raise
+    ctx.store.end_phase(ctx.run.id, name, attempt, "succeeded")
+    ctx.reporter.phase(name, "done", f"{time.monotonic() - started:.1f}s")
+
+
+def _skip_reason(ctx: RunContext, name: str) -> str | None:
+    caps = ctx.provider.capabilities
+    if name == "provision" and not caps.instances:
+        return f"{ctx.provider.type} provider runs on this machine"
+    if name == "boot_gpu" and not caps.power_modes:
+        return f"{ctx.provider.type} provider has no separate GPU boot"
+    return None
+
+
+# -- the phases ------------------------------------------------------------------
+
+
+def _plan(ctx: RunContext) -> None:
+    """Hash the inputs and pin the image before anything is staged or paid for."""
+    for item in ctx.loaded.spec.inputs:
+        path = ctx.loaded.resolve(item.src)
+        digest, size = sha256_file(path)
+        if item.sha256 and item.sha256 != digest:
+            raise BadInput(f"input {item.src}: sha256 is {digest}, the spec expects {item.sha256}")
+        ctx.inputs.append(InputRecord(src=str(path), dest=item.target, sha256=digest, bytes=size))
+    ctx.image = resolve_image(ctx.loaded, ctx.log_sink("image-build.log", "image"))
+    ctx.store.add_event(ctx.run.id, "image.resolved", id=ctx.image.image.id, ref=ctx.image.image.ref)
+    if ctx.loaded.spec.image.build is not None:
+        write_lock(ctx.loaded, ctx.image)
+    manifest.write(ctx, ctx.run, ctx.store.phases(ctx.run.id))
+
+
+def _provision(ctx: RunContext) -> None:
+    raise RunFailed(f"provider {ctx.provider.type} cannot create instances yet")
+
+
+def _stage(ctx: RunContext) -> None:
+    """Open the host, ship the image, inputs and job files, then run the setup steps."""
+    ctx.host = ctx.provider.open_host(ctx.run.id)
+    ctx.host.ensure_image(ctx.image.image.id)
+    ctx.host.put_job_file("job.yaml", ctx.loaded.text.encode("utf-8"))
+    resolved = ctx.loaded.spec.model_dump(mode="json")
+    ctx.host.put_job_file("spec.json", json.dumps(resolved, indent=2, ensure_ascii=False).encode("utf-8"))
+    for item in ctx.inputs:
+        ctx.host.put_input(Path(item.src), item.dest)
+    for index, step in enumerate(ctx.loaded.spec.setup, start=1):
+        log_name = f"setup-{index:02d}-{step.name}.log"
+        request = ContainerRun(
+            name=f"setup:{step.name}", image_id=ctx.image.image.id, script=step.run, env=dict(step.env)
+        )
+        _run_container(ctx, request, log_name)
+
+
+def _boot_gpu(ctx: RunContext) -> None:
+    raise RunFailed(f"provider {ctx.provider.type} cannot switch to a GPU boot yet")
+
+
+def _train(ctx: RunContext) -> None:
+    train = ctx.loaded.spec.train
+    request = ContainerRun(
+        name="train", image_id=ctx.image.image.id, script=train.run, env=dict(train.env), gpus=train.gpus
+    )
+    _run_container(ctx, request, "train.log")
+
+
+def _collect(ctx: RunContext) -> None:
+    """Bring the declared outputs home and record each file's sha256."""
+    spec = ctx.loaded.spec
+    artifacts_dir = ctx.run_dir / "artifacts"
+    files = ctx.host.fetch_outputs(spec.outputs, artifacts_dir)
+    for file in files:
+        digest, size = sha256_file(file)
+        ctx.artifacts.append(Artifact(path=str(file.relative_to(ctx.run_dir)), sha256=digest, bytes=size))
+    metrics = artifacts_dir / spec.train.metrics.removeprefix("/out/")
+    if metrics.is_file():
+        (ctx.run_dir / "metrics.jsonl").write_bytes(metrics.read_bytes())
+    ctx.store.add_event(ctx.run.id, "artifacts.collected", count=len(files))
+
+
+def _teardown(ctx: RunContext) -> None:
+    if ctx.host is None:
+        return
+    ctx.host.close(keep_workspace=ctx.failed)
+    if ctx.failed:
+        ctx.reporter.info("the run's work folder was kept for inspection")
+
+
+def _run_container(ctx: RunContext, request: ContainerRun, log_name: str) -> None:
+    code = ctx.host.run(request, ctx.log_sink(log_name, request.name))
+    ctx.store.add_event(ctx.run.id, "container.exited", name=request.name, exit_code=code)
+    if code != 0:
+        log = ctx.run_dir / "logs" / log_name
+        raise RunFailed(f"{request.name} exited with code {code} (log: {log})")
+
+
+PHASE_STEPS: dict[str, Callable[[RunContext], None]] = {
+    "plan": _plan,
+    "provision": _provision,
+    "stage": _stage,
+    "boot_gpu": _boot_gpu,
+    "train": _train,
+    "collect": _collect,
+    "teardown": _teardown,
+}
+
+
+def _new_run_id(job_name: str) -> str:
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    return f"{job_name}-{stamp}-{secrets.token_hex(3)}"
+
+
+def _make_run_dir(out_root: Path, run_id: str) -> Path:
+    """A fresh folder for the run; an existing one is never reused or overwritten."""
+    out_root.mkdir(parents=True, exist_ok=True)
+    run_dir = out_root.resolve() / run_id
+    try:
+        run_dir.mkdir()
+    except FileExistsError:
+        raise BadInput(f"run folder {run_dir} already exists; refusing to overwrite it") from None
+    for sub in ("artifacts", "logs"):
+        (run_dir / sub).mkdir()
+    return run_dir
+
+
+def run_status(ref: str) -> RunResult:
+    """A run's record and phases as the store has them."""
+    with open_store() as store:
+        run = store.get_run(ref)
+        return RunResult(run=run, phases=store.phases(run.id), artifacts=manifest.read_artifacts(run))
+
+
+def list_runs(limit: int) -> list[Run]:
+    with open_store() as store:
+        return store.list_runs(limit)

@@ -1,0 +1,346 @@
+"""The job spec: job.yaml turned into a validated, immutable object.
+
+Every problem is reported at once, one line each, naming the field and the YAML line,
+so a user fixes a spec in one pass instead of one error per run. The format is documented
+field by field in docs/job-spec.md; keep the two in step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import posixpath
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from runner.errors import SpecError
+
+SPEC_VERSION = 1
+OUT_ROOT = "/out"
+
+
+def _matching(pattern: str, what: str) -> AfterValidator:
+    """A validator whose error says in words what the value must look like."""
+    compiled = re.compile(pattern)
+
+    def check(value: str) -> str:
+        if not compiled.fullmatch(value):
+            raise ValueError(f"must be {what}, got {value[:80]!r}")
+        return value
+
+    return AfterValidator(check)
+
+
+Name = Annotated[
+    str, _matching(r"[a-z0-9][a-z0-9._-]{0,62}", "1-63 lowercase letters, digits, '.', '_' or '-'")
+]
+EnvName = Annotated[
+    str, _matching(r"[A-Za-z_][A-Za-z0-9_]{0,127}", "an environment variable name ([A-Za-z_][A-Za-z0-9_]*)")
+]
+Sha256 = Annotated[str, _matching(r"[0-9a-f]{64}", "a sha256 of 64 lowercase hex digits")]
+ImageRef = Annotated[
+    str,
+    _matching(
+        r"([a-z0-9][a-z0-9._/:-]{0,254}@)?sha256:[0-9a-f]{64}", "NAME@sha256:<digest> or sha256:<image id>"
+    ),
+]
+ImageTag = Annotated[
+    str, _matching(r"[a-z0-9][a-z0-9._/-]{0,127}(:[\w.-]{1,128})?", "an image tag like name:tag")
+]
+Currency = Annotated[str, _matching(r"[A-Z]{3}", "a 3-letter currency code like CNY")]
+Script = Annotated[str, StringConstraints(min_length=1, max_length=65536)]
+Money = Annotated[float, Field(ge=0, le=1e9)]
+
+
+def _out_path(value: str) -> str:
+    """Normalise an output path and refuse anything that escapes /out."""
+    if any(c in value for c in "\x00\\\n\r") or ".." in value.split("/"):
+        raise ValueError(f"must be a path under {OUT_ROOT} without '..' or control characters")
+    norm = posixpath.normpath(value)
+    if not (norm == OUT_ROOT or norm.startswith(OUT_ROOT + "/")):
+        raise ValueError(f"must be a path under {OUT_ROOT}, got {value[:80]!r}")
+    return norm
+
+
+OutPath = Annotated[str, AfterValidator(_out_path)]
+
+
+class Strict(BaseModel):
+    """Unknown keys are errors: a typo must never be silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LocalProvider(Strict):
+    """This machine's Docker engine; no instance, no SSH."""
+
+    type: Literal["local"]
+
+
+class ImageBuild(Strict):
+    context: str = "."
+    dockerfile: str = "Dockerfile"
+    args: dict[EnvName, str] = Field(default_factory=dict)
+    tag: ImageTag | None = None
+
+    @field_validator("context")
+    @classmethod
+    def _context_is_a_folder(cls, value: str, info: ValidationInfo) -> str:
+        folder = _base_dir(info) / value
+        if not folder.is_dir():
+            raise ValueError(f"build context folder not found: {folder}")
+        return value
+
+    @model_validator(mode="after")
+    def _dockerfile_exists(self, info: ValidationInfo) -> ImageBuild:
+        dockerfile = _base_dir(info) / self.context / self.dockerfile
+        if not dockerfile.is_file():
+            raise ValueError(f"dockerfile not found: {dockerfile}")
+        return self
+
+
+class ImageSpec(Strict):
+    """Either build from a Dockerfile or use an image pinned by digest (exactly one)."""
+
+    build: ImageBuild | None = None
+    ref: ImageRef | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> ImageSpec:
+        if (self.build is None) == (self.ref is None):
+            raise ValueError("give exactly one of 'build' or 'ref'")
+        return self
+
+
+class InputFile(Strict):
+    """A local file copied into the job's data folder (mounted at /data)."""
+
+    src: str
+    dest: str | None = None
+    sha256: Sha256 | None = None
+
+    @field_validator("src")
+    @classmethod
+    def _src_is_a_file(cls, value: str, info: ValidationInfo) -> str:
+        path = _base_dir(info) / value
+        if not path.is_file():
+            raise ValueError(f"input file not found: {path}")
+        return value
+
+    @field_validator("dest")
+    @classmethod
+    def _dest_stays_in_data(cls, value: str | None) -> str | None:
+        if value is not None:
+            _relative_inside(value, "/data")
+        return value
+
+    @property
+    def target(self) -> str:
+        """Path relative to /data where the file lands."""
+        return self.dest or Path(self.src).name
+
+
+class Step(Strict):
+    """A setup command, run in the container in no-GPU mode before training."""
+
+    name: Name
+    run: Script
+    env: dict[EnvName, str] = Field(default_factory=dict)
+
+
+class TrainSpec(Strict):
+    run: Script
+    gpus: Annotated[int, Field(ge=0, le=16)] = 1
+    env: dict[EnvName, str] = Field(default_factory=dict)
+    metrics: OutPath = f"{OUT_ROOT}/metrics.jsonl"
+
+
+class Pricing(Strict):
+    """What each power mode costs per hour (used for estimates and the ledger)."""
+
+    currency: Currency = "CNY"
+    cpu_per_hour: Money = 0.0
+    gpu_per_hour: Money = 0.0
+
+
+class Budget(Strict):
+    max_cost: Money | None = None
+    max_gpu_hours: Annotated[float, Field(gt=0, le=10000)] | None = None
+    max_hourly_price: Money | None = None
+
+
+class Shutdown(Strict):
+    """What happens to the instance after the run: stop billing (default), release it, or keep it."""
+
+    after: Literal["stop", "release", "keep"] = "stop"
+
+
+class JobSpec(Strict):
+    version: Literal[1] = SPEC_VERSION
+    name: Name
+    provider: LocalProvider
+    image: ImageSpec
+    inputs: Annotated[tuple[InputFile, ...], Field(max_length=1000)] = ()
+    setup: Annotated[tuple[Step, ...], Field(max_length=64)] = ()
+    train: TrainSpec
+    outputs: Annotated[tuple[OutPath, ...], Field(min_length=1, max_length=1000)]
+    pricing: Pricing = Pricing()
+    budget: Budget = Budget()
+    shutdown: Shutdown = Shutdown()
+
+    @field_validator("setup")
+    @classmethod
+    def _unique_step_names(cls, value: tuple[Step, ...]) -> tuple[Step, ...]:
+        names = [step.name for step in value]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"step names must be unique; repeated: {', '.join(repeated)}")
+        return value
+
+    @field_validator("inputs")
+    @classmethod
+    def _unique_input_targets(cls, value: tuple[InputFile, ...]) -> tuple[InputFile, ...]:
+        targets = [item.target for item in value]
+        repeated = sorted({t for t in targets if targets.count(t) > 1})
+        if repeated:
+            raise ValueError(f"two inputs land on the same path: {', '.join(repeated)}")
+        return value
+
+    @model_validator(mode="after")
+    def _price_within_budget(self) -> JobSpec:
+        cap = self.budget.max_hourly_price
+        if cap is not None and self.pricing.gpu_per_hour > cap:
+            raise ValueError(
+                f"budget.max_hourly_price {cap} {self.pricing.currency}/h is below "
+                f"pricing.gpu_per_hour {self.pricing.gpu_per_hour}"
+            )
+        return self
+
+
+@dataclass(frozen=True)
+class LoadedSpec:
+    """A validated spec with where it came from (needed to resolve relative paths)."""
+
+    spec: JobSpec
+    path: Path
+    sha256: str
+    text: str
+
+    @property
+    def base_dir(self) -> Path:
+        return self.path.parent
+
+    def resolve(self, relative: str) -> Path:
+        return (self.base_dir / relative).resolve()
+
+
+def load_spec(path: str | Path) -> LoadedSpec:
+    """Read and validate a job spec; raise SpecError listing every problem."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise SpecError(f"{path}: cannot read job spec: {exc.strerror or exc}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise SpecError(f"{path}: job spec is not UTF-8 text") from None
+    data, lines = _parse_yaml(path, text)
+    try:
+        spec = JobSpec.model_validate(data, context={"base_dir": path.parent.resolve()})
+    except ValidationError as exc:
+        problems = [_describe(path, error, lines) for error in _most_specific(exc.errors())]
+        raise SpecError(f"{path}: invalid job spec ({len(problems)} problems)", details=problems) from None
+    return LoadedSpec(spec=spec, path=path.resolve(), sha256=hashlib.sha256(raw).hexdigest(), text=text)
+
+
+def _parse_yaml(path: Path, text: str) -> tuple[object, dict[tuple, int]]:
+    """Parse YAML, keeping each value's line and refusing duplicated keys."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            raise SpecError(f"{path}: job spec is empty")
+        lines: dict[tuple, int] = {}
+        _index_lines(path, node, (), lines)
+        data = loader.construct_document(node)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise SpecError(f"{where}: invalid YAML: {exc.problem or exc.context}") from None
+    except yaml.YAMLError as exc:
+        raise SpecError(f"{path}: invalid YAML: {exc}") from None
+    finally:
+        loader.dispose()
+    if not isinstance(data, dict):
+        raise SpecError(f"{path}:1: a job spec must be a mapping of fields, got {type(data).__name__}")
+    return data, lines
+
+
+def _index_lines(path: Path, node: yaml.Node, at: tuple, lines: dict[tuple, int]) -> None:
+    lines[at] = node.start_mark.line + 1
+    if isinstance(node, yaml.MappingNode):
+        seen: set[str] = set()
+        for key_node, value_node in node.value:
+            key = key_node.value
+            if key in seen:
+                field = ".".join(str(p) for p in (*at, key))
+                raise SpecError(f"{path}:{key_node.start_mark.line + 1}: {field}: key given twice")
+            seen.add(key)
+            _index_lines(path, value_node, (*at, key), lines)
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            _index_lines(path, item, (*at, index), lines)
+
+
+def _describe(path: Path, error: dict, lines: dict[tuple, int]) -> str:
+    loc = tuple(p for p in error["loc"] if not _is_union_tag(p))
+    field = ".".join(str(p) for p in loc) or "(top level)"
+    line = next((lines[loc[:n]] for n in range(len(loc), -1, -1) if loc[:n] in lines), 1)
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        message = "unknown field"
+    elif error["type"] == "missing":
+        message = "required field is missing"
+    return f"{path}:{line}: {field}: {message}"
+
+
+def _most_specific(errors: list[dict]) -> list[dict]:
+    """Drop an error about a whole container when one of its items already has an error."""
+    locs = [tuple(e["loc"]) for e in errors]
+    return [
+        e
+        for e, loc in zip(errors, locs, strict=True)
+        if not any(o[: len(loc)] == loc and o != loc for o in locs)
+    ]
+
+
+def _is_union_tag(part: object) -> bool:
+    return isinstance(part, str) and ("[" in part or part in {"str", "int", "float", "none"})
+
+
+def _base_dir(info: ValidationInfo) -> Path:
+    context = info.context or {}
+    return Path(context.get("base_dir", "."))
+
+
+def _relative_inside(value: str, root: str) -> str:
+    if not value or value.startswith("/") or "\\" in value or "\x00" in value:
+        raise ValueError(f"must be a relative path inside {root}")
+    if ".." in value.split("/"):
+        raise ValueError(f"must stay inside {root}: '..' is not allowed")
+    return value

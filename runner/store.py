@@ -1,0 +1,278 @@
+"""The state store: runs, their phases and events, in one SQLite file under RUNNER_HOME.
+
+All SQL lives here. WAL mode lets `runner status` read while a run writes. The schema
+grows only by appending migrations to MIGRATIONS; applied names are recorded, so an old
+database is brought up to date on open and a migrated one is never touched twice.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from runner.errors import BadInput, NotFound
+from runner.home import private_dir, private_file
+
+DB_NAME = "state.db"
+
+
+def _execute_all(db: sqlite3.Connection, script: str) -> None:
+    """Run several statements inside the caller's transaction (executescript would commit)."""
+    for statement in script.split(";"):
+        if statement.strip():
+            db.execute(statement)
+
+
+def _m001_runs_phases_events(db: sqlite3.Connection) -> None:
+    _execute_all(
+        db,
+        """
+        CREATE TABLE runs (
+            id TEXT PRIMARY KEY,
+            job_name TEXT NOT NULL,
+            spec_path TEXT NOT NULL,
+            spec_sha256 TEXT NOT NULL,
+            provider TEXT NOT NULL,
+            run_dir TEXT NOT NULL,
+            status TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            ended_at REAL,
+            exit_code INTEGER,
+            error TEXT
+        );
+        CREATE INDEX runs_created ON runs(created_at);
+        CREATE TABLE phases (
+            run_id TEXT NOT NULL REFERENCES runs(id),
+            name TEXT NOT NULL,
+            attempt INTEGER NOT NULL,
+            status TEXT NOT NULL,
+            started_at REAL,
+            ended_at REAL,
+            detail TEXT,
+            PRIMARY KEY (run_id, name, attempt)
+        );
+        CREATE TABLE events (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            run_id TEXT NOT NULL REFERENCES runs(id),
+            ts REAL NOT NULL,
+            kind TEXT NOT NULL,
+            data TEXT NOT NULL
+        );
+        CREATE INDEX events_run ON events(run_id, id);
+        """,
+    )
+
+
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_m001_runs_phases_events]
+
+
+@dataclass(frozen=True)
+class Run:
+    id: str
+    job_name: str
+    spec_path: str
+    spec_sha256: str
+    provider: str
+    run_dir: str
+    status: str
+    created_at: float
+    ended_at: float | None = None
+    exit_code: int | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Phase:
+    run_id: str
+    name: str
+    attempt: int
+    status: str
+    started_at: float | None
+    ended_at: float | None
+    detail: str | None
+
+    @property
+    def seconds(self) -> float | None:
+        if self.started_at is None or self.ended_at is None:
+            return None
+        return round(self.ended_at - self.started_at, 3)
+
+
+@dataclass(frozen=True)
+class Event:
+    run_id: str
+    ts: float
+    kind: str
+    data: dict
+
+
+class Store:
+    """A connection to the state database; use as a context manager or call close()."""
+
+    def __init__(self, home: Path) -> None:
+        private_dir(home)
+        path = private_file(home / DB_NAME)
+        self.path = path
+        self._db = sqlite3.connect(path, timeout=10, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.execute("PRAGMA busy_timeout=10000")
+        self._migrate()
+        for suffix in ("-wal", "-shm"):
+            sidecar = path.with_name(path.name + suffix)
+            if sidecar.exists():
+                sidecar.chmod(0o600)
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._db.close()
+
+    # -- schema -----------------------------------------------------------------
+
+    def _migrate(self) -> None:
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied_at REAL NOT NULL)"
+        )
+        applied = {row["name"] for row in self._db.execute("SELECT name FROM _migrations")}
+        for migration in MIGRATIONS:
+            if migration.__name__ in applied:
+                continue
+            with self._transaction():
+                migration(self._db)
+                self._db.execute(
+                    "INSERT INTO _migrations (name, applied_at) VALUES (?, ?)",
+                    (migration.__name__, time.time()),
+                )
+
+    def applied_migrations(self) -> list[str]:
+        return [row["name"] for row in self._db.execute("SELECT name FROM _migrations ORDER BY rowid")]
+
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    # -- runs -------------------------------------------------------------------
+
+    def create_run(self, run: Run) -> None:
+        with self._transaction():
+            self._db.execute(
+                "INSERT INTO runs (id, job_name, spec_path, spec_sha256, provider, run_dir, status,"
+                " created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    run.id,
+                    run.job_name,
+                    run.spec_path,
+                    run.spec_sha256,
+                    run.provider,
+                    run.run_dir,
+                    run.status,
+                    run.created_at,
+                ),
+            )
+
+    def finish_run(self, run_id: str, status: str, exit_code: int, error: str | None = None) -> None:
+        with self._transaction():
+            self._db.execute(
+                "UPDATE runs SET status = ?, exit_code = ?, error = ?, ended_at = ? WHERE id = ?",
+                (status, exit_code, error, time.time(), run_id),
+            )
+
+    def get_run(self, ref: str) -> Run:
+        """Find a run by its id or a unique prefix of it."""
+        rows = self._db.execute(
+            "SELECT * FROM runs WHERE id = ? OR id LIKE ? ESCAPE '\\' ORDER BY id LIMIT 3",
+            (ref, _like_prefix(ref)),
+        ).fetchall()
+        exact = [row for row in rows if row["id"] == ref]
+        if exact:
+            return Run(**dict(exact[0]))
+        if not rows:
+            raise NotFound(f"no run matches {ref!r} (see `runner runs`)")
+        if len(rows) > 1:
+            names = ", ".join(row["id"] for row in rows)
+            raise BadInput(f"{ref!r} matches several runs ({names}, ...): give more of the id")
+        return Run(**dict(rows[0]))
+
+    def list_runs(self, limit: int = 50) -> list[Run]:
+        rows = self._db.execute("SELECT * FROM runs ORDER BY created_at DESC, id DESC LIMIT ?", (limit,))
+        return [Run(**dict(row)) for row in rows]
+
+    # -- phases -----------------------------------------------------------------
+
+    def start_phase(self, run_id: str, name: str) -> int:
+        """Record that a phase begins; returns its attempt number (1 for the first try)."""
+        with self._transaction():
+            (last,) = self._db.execute(
+                "SELECT COALESCE(MAX(attempt), 0) FROM phases WHERE run_id = ? AND name = ?",
+                (run_id, name),
+            ).fetchone()
+            attempt = last + 1
+            self._db.execute(
+                "INSERT INTO phases (run_id, name, attempt, status, started_at) VALUES (?, ?, ?, ?, ?)",
+                (run_id, name, attempt, "running", time.time()),
+            )
+        return attempt
+
+    def end_phase(self, run_id: str, name: str, attempt: int, status: str, detail: str | None = None) -> None:
+        with self._transaction():
+            self._db.execute(
+                "UPDATE phases SET status = ?, ended_at = ?, detail = ?"
+                " WHERE run_id = ? AND name = ? AND attempt = ?",
+                (status, time.time(), detail, run_id, name, attempt),
+            )
+
+    def skip_phase(self, run_id: str, name: str, reason: str) -> None:
+        now = time.time()
+        with self._transaction():
+            self._db.execute(
+                "INSERT INTO phases (run_id, name, attempt, status, started_at, ended_at, detail)"
+                " VALUES (?, ?, 1, 'skipped', ?, ?, ?)",
+                (run_id, name, now, now, reason),
+            )
+
+    def phases(self, run_id: str) -> list[Phase]:
+        rows = self._db.execute("SELECT * FROM phases WHERE run_id = ? ORDER BY started_at, rowid", (run_id,))
+        return [Phase(**dict(row)) for row in rows]
+
+    # -- events -----------------------------------------------------------------
+
+    def add_event(self, run_id: str, kind: str, **data: object) -> None:
+        with self._transaction():
+            self._db.execute(
+                "INSERT INTO events (run_id, ts, kind, data) VALUES (?, ?, ?, ?)",
+                (run_id, time.time(), kind, json.dumps(data, sort_keys=True, default=str)),
+            )
+
+    def events(self, run_id: str) -> list[Event]:
+        rows = self._db.execute(
+            "SELECT run_id, ts, kind, data FROM events WHERE run_id = ? ORDER BY id", (run_id,)
+        )
+        return [Event(row["run_id"], row["ts"], row["kind"], json.loads(row["data"])) for row in rows]
+
+
+def _like_prefix(ref: str) -> str:
+    escaped = ref.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return escaped + "%"
+
+
+def open_store(home: Path | None = None) -> Store:
+    from runner.home import runner_home
+
+    return Store(home or runner_home())

@@ -1,0 +1,109 @@
+"""The state store: migrations, permissions, run and phase bookkeeping."""
+
+from __future__ import annotations
+
+import sqlite3
+import stat
+import time
+
+import pytest
+
+from runner.errors import EXIT_BAD_INPUT, NotFound, RunnerError
+from runner.store import DB_NAME, MIGRATIONS, Run, Store
+
+pytestmark = pytest.mark.unit
+
+
+def make_run(run_id: str, created_at: float | None = None) -> Run:
+    return Run(
+        id=run_id,
+        job_name="demo",
+        spec_path="/jobs/demo.yaml",
+        spec_sha256="0" * 64,
+        provider="local",
+        run_dir=f"/runs/{run_id}",
+        status="running",
+        created_at=created_at or time.time(),
+    )
+
+
+def test_empty_database_is_migrated_to_the_full_schema(tmp_path):
+    with Store(tmp_path) as store:
+        assert store.applied_migrations() == [m.__name__ for m in MIGRATIONS]
+    db = sqlite3.connect(tmp_path / DB_NAME)
+    tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert {"runs", "phases", "events", "_migrations"} <= tables
+    columns = {row[1] for row in db.execute("PRAGMA table_info(phases)")}
+    assert {"run_id", "name", "attempt", "status", "started_at", "ended_at", "detail"} <= columns
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_reopening_applies_nothing_twice(tmp_path):
+    Store(tmp_path).close()
+    with Store(tmp_path) as store:
+        names = store.applied_migrations()
+    assert len(names) == len(set(names)) == len(MIGRATIONS)
+
+
+def test_state_folder_and_files_are_private(tmp_path):
+    home = tmp_path / "home"
+    with Store(home):
+        pass
+    assert stat.S_IMODE(home.stat().st_mode) == 0o700
+    assert stat.S_IMODE((home / DB_NAME).stat().st_mode) == 0o600
+
+
+def test_phase_attempts_are_counted_and_timed(tmp_path):
+    with Store(tmp_path) as store:
+        store.create_run(make_run("r1"))
+        first = store.start_phase("r1", "stage")
+        store.end_phase("r1", "stage", first, "failed", "lost connection")
+        second = store.start_phase("r1", "stage")
+        store.end_phase("r1", "stage", second, "succeeded")
+        store.skip_phase("r1", "boot_gpu", "no GPU boot")
+        phases = store.phases("r1")
+    assert [(p.name, p.attempt, p.status) for p in phases] == [
+        ("stage", 1, "failed"),
+        ("stage", 2, "succeeded"),
+        ("boot_gpu", 1, "skipped"),
+    ]
+    assert phases[0].detail == "lost connection"
+    assert all(p.seconds is not None and p.seconds >= 0 for p in phases)
+
+
+def test_finish_run_and_events(tmp_path):
+    with Store(tmp_path) as store:
+        store.create_run(make_run("r1"))
+        store.add_event("r1", "container.exited", name="train", exit_code=3)
+        store.finish_run("r1", "failed", 1, "train exited with code 3")
+        run = store.get_run("r1")
+        events = store.events("r1")
+    assert (run.status, run.exit_code, run.error) == ("failed", 1, "train exited with code 3")
+    assert run.ended_at is not None
+    assert events[0].kind == "container.exited" and events[0].data == {"exit_code": 3, "name": "train"}
+
+
+def test_runs_are_found_by_unique_prefix(tmp_path):
+    with Store(tmp_path) as store:
+        store.create_run(make_run("smoke-20260101-aaaa", 1.0))
+        store.create_run(make_run("smoke-20260101-bbbb", 2.0))
+        store.create_run(make_run("other_1", 3.0))
+        assert store.get_run("smoke-20260101-b").id == "smoke-20260101-bbbb"
+        assert [r.id for r in store.list_runs(10)] == [
+            "other_1",
+            "smoke-20260101-bbbb",
+            "smoke-20260101-aaaa",
+        ]
+        with pytest.raises(RunnerError, match="matches several runs"):
+            store.get_run("smoke-")
+        with pytest.raises(NotFound) as missing:
+            store.get_run("nope")
+        assert missing.value.exit_code == EXIT_BAD_INPUT
+        # '_' and '%' are literal characters in ids, not SQL wildcards
+        with pytest.raises(NotFound):
+            store.get_run("other%")
+
+
+def test_unknown_run_cannot_get_phases(tmp_path):
+    with Store(tmp_path) as store, pytest.raises(sqlite3.IntegrityError):
+        store.start_phase("ghost", "plan")
