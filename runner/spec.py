@@ -264,7 +264,8 @@ def load_spec(path: str | Path) -> LoadedSpec:
         spec = JobSpec.model_validate(data, context={"base_dir": path.parent.resolve()})
     except ValidationError as exc:
         problems = [_describe(path, error, lines) for error in _most_specific(exc.errors())]
-        raise SpecError(f"{path}: invalid job spec ({len(problems)} problems)", details=problems) from None
+        count = f"{len(problems)} problem" + ("s" if len(problems) > 1 else "")
+        raise SpecError(f"{path}: invalid job spec ({count})", details=problems) from None
     return LoadedSpec(spec=spec, path=path.resolve(), sha256=hashlib.sha256(raw).hexdigest(), text=text)
 
 

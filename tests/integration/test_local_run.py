@@ -1,0 +1,174 @@
+"""Whole runs on the local provider against the real Docker engine."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from .conftest import quick_job, run_cli
+
+pytestmark = [pytest.mark.integration, pytest.mark.e2e]
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_smoke_run_passes_through_every_phase(smoke_run):
+    payload = smoke_run["payload"]
+    assert payload["status"] == "succeeded" and payload["exit_code"] == 0
+    phases = {p["name"]: p["status"] for p in payload["phases"]}
+    assert list(phases) == ["plan", "provision", "stage", "boot_gpu", "train", "collect", "teardown"]
+    assert phases["provision"] == phases["boot_gpu"] == "skipped"
+    assert {phases[name] for name in ("plan", "stage", "train", "collect", "teardown")} == {"succeeded"}
+
+
+def test_artifacts_match_their_recorded_sha256(smoke_run):
+    payload = smoke_run["payload"]
+    run_dir = Path(payload["run_dir"])
+    manifest = json.loads((run_dir / "manifest.json").read_text(encoding="utf-8"))
+    recorded = {a["path"]: a["sha256"] for a in manifest["artifacts"]}
+    assert {a["path"]: a["sha256"] for a in payload["artifacts"]} == recorded
+    assert "artifacts/lora.safetensors" in recorded
+    for path, digest in recorded.items():
+        assert sha256(run_dir / path) == digest
+    assert manifest["job"]["spec_sha256"] == sha256(smoke_run["spec"])
+    assert manifest["status"] == "succeeded"
+
+
+def test_loss_falls_and_weights_are_lora_only(smoke_run):
+    from safetensors import safe_open
+
+    run_dir = Path(smoke_run["payload"]["run_dir"])
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = [row["loss"] for row in rows if "loss" in row]
+    assert len(losses) >= 30
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < 0.8 * first, (first, last)
+    with safe_open(run_dir / "artifacts" / "lora.safetensors", framework="pt") as weights:
+        keys = list(weights.keys())
+    assert keys and all("lora" in key for key in keys)
+
+
+def test_logs_lock_file_and_image_are_recorded(smoke_run):
+    run_dir = Path(smoke_run["payload"]["run_dir"])
+    logs = {p.name for p in (run_dir / "logs").iterdir()}
+    assert {"image-build.log", "train.log", "setup-01-make-data.log", "setup-04-prepare.log"} <= logs
+    assert "step" in (run_dir / "logs" / "train.log").read_text(encoding="utf-8")
+    lock = json.loads(smoke_run["spec"].with_name("smoke.lock.json").read_text(encoding="utf-8"))
+    manifest = json.loads((run_dir / "manifest.json").read_text(encoding="utf-8"))
+    assert lock["image"]["id"] == manifest["image"]["image"]["id"]
+    assert lock["image"]["id"].startswith("sha256:")
+    assert lock["base"]["ref"] == "runner-base/torch-cpu:2.13.0"
+    assert lock["base"]["id"].startswith("sha256:")
+
+
+def test_status_and_runs_read_the_store(smoke_run):
+    run_id = smoke_run["payload"]["run_id"]
+    status = run_cli(smoke_run["home"], "status", run_id[:-2], "--json")
+    assert status.code == 0
+    assert status.json["run_id"] == run_id and status.json["artifacts"] == smoke_run["payload"]["artifacts"]
+    runs = run_cli(smoke_run["home"], "runs", "--json").json["runs"]
+    assert [r["id"] for r in runs] == [run_id] and runs[0]["status"] == "succeeded"
+
+
+def test_failing_setup_step_fails_the_run_and_keeps_its_log(image_id, tmp_path):
+    spec = quick_job(
+        tmp_path,
+        image_id,
+        setup="echo about to fail; exit 3",
+        train="touch /out/never",
+        outputs=["/out/never"],
+    )
+    result = run_cli(tmp_path / "home", "submit", str(spec), "--json", "--out", str(tmp_path / "runs"))
+    assert result.code == 1
+    payload = result.json
+    assert payload["status"] == "failed"
+    assert "setup:broken exited with code 3" in payload["error"]
+    phases = {p["name"]: p["status"] for p in payload["phases"]}
+    assert phases["stage"] == "failed" and phases["teardown"] == "succeeded" and "train" not in phases
+    log = Path(payload["run_dir"]) / "logs" / "setup-01-broken.log"
+    assert log.read_text(encoding="utf-8") == "about to fail\n"
+    assert json.loads((Path(payload["run_dir"]) / "manifest.json").read_text())["status"] == "failed"
+
+
+def test_a_second_run_never_overwrites_the_first(image_id, tmp_path):
+    spec = quick_job(tmp_path, image_id, train="date +%s%N > /out/stamp", outputs=["/out/stamp"])
+    home, out = tmp_path / "home", str(tmp_path / "runs")
+    first = run_cli(home, "submit", str(spec), "--json", "--out", out).json
+    first_file = Path(first["run_dir"]) / "artifacts" / "stamp"
+    before = sha256(first_file)
+    second = run_cli(home, "submit", str(spec), "--json", "--out", out).json
+    assert first["run_dir"] != second["run_dir"]
+    assert sha256(first_file) == before == first["artifacts"][0]["sha256"]
+    assert second["artifacts"][0]["sha256"] != before
+
+
+def test_inputs_are_hashed_and_mounted_at_data(image_id, tmp_path):
+    data = tmp_path / "records.json"
+    data.write_bytes(os.urandom(4096))
+    digest = sha256(data)
+    extra = "inputs:\n  - src: records.json\n    dest: sub/records.json\n"
+    spec = quick_job(
+        tmp_path,
+        image_id,
+        train="sha256sum /data/sub/records.json | cut -d' ' -f1 > /out/seen; cp /job/job.yaml /out/",
+        outputs=["/out"],
+        extra=extra,
+    )
+    result = run_cli(tmp_path / "home", "submit", str(spec), "--json", "--out", str(tmp_path / "runs"))
+    assert result.code == 0, result.stderr
+    run_dir = Path(result.json["run_dir"])
+    assert (run_dir / "artifacts" / "seen").read_text().strip() == digest
+    assert (run_dir / "artifacts" / "job.yaml").read_bytes() == spec.read_bytes()
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["inputs"] == [
+        {"src": str(data), "dest": "sub/records.json", "sha256": digest, "bytes": 4096}
+    ]
+
+
+def test_input_with_wrong_sha256_stops_before_staging(image_id, tmp_path):
+    (tmp_path / "records.json").write_text("[]")
+    extra = f"inputs:\n  - src: records.json\n    sha256: {'ab' * 32}\n"
+    spec = quick_job(tmp_path, image_id, train="true", outputs=["/out"], extra=extra)
+    result = run_cli(tmp_path / "home", "submit", str(spec), "--json", "--out", str(tmp_path / "runs"))
+    assert result.code == 2
+    assert "records.json: sha256 is" in result.json["error"]
+    assert [p["name"] for p in result.json["phases"]] == ["plan", "teardown"]
+
+
+def test_missing_declared_output_fails_the_run(image_id, tmp_path):
+    spec = quick_job(tmp_path, image_id, train="touch /out/a", outputs=["/out/a", "/out/b"])
+    result = run_cli(tmp_path / "home", "submit", str(spec), "--json", "--out", str(tmp_path / "runs"))
+    assert result.code == 1
+    assert result.json["error"] == "declared outputs were not written: /out/b"
+
+
+def test_output_symlink_out_of_the_container_is_refused(image_id, tmp_path):
+    secret = tmp_path / "host-secret"
+    secret.write_text("do not copy me")
+    spec = quick_job(tmp_path, image_id, train=f"ln -s {secret} /out/leak", outputs=["/out"])
+    result = run_cli(tmp_path / "home", "submit", str(spec), "--json", "--out", str(tmp_path / "runs"))
+    assert result.code == 1
+    assert "output leak is a link; refusing to follow it" in result.json["error"]
+    assert not list((Path(result.json["run_dir"]) / "artifacts").rglob("leak"))
+
+
+def test_train_failure_exit_code_and_log(image_id, tmp_path):
+    spec = quick_job(tmp_path, image_id, train="echo boom >&2; exit 7", outputs=["/out"])
+    result = run_cli(tmp_path / "home", "submit", str(spec), "--json", "--out", str(tmp_path / "runs"))
+    assert result.code == 1
+    assert "train exited with code 7" in result.json["error"]
+    assert (Path(result.json["run_dir"]) / "logs" / "train.log").read_text() == "boom\n"
+    assert "boom" in result.stderr
+
+
+def test_pinned_image_that_is_absent_is_bad_input(docker_engine, tmp_path):
+    spec = quick_job(tmp_path, "sha256:" + "f" * 64, train="true", outputs=["/out"])
+    result = run_cli(tmp_path / "home", "submit", str(spec), "--json", "--out", str(tmp_path / "runs"))
+    assert result.code == 2
+    assert "is not in the local engine" in result.json["error"]
