@@ -11,11 +11,11 @@ ARG PIP_EXTRA_ARGS=""
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONPATH=/opt/trainer
+WORKDIR /data
 
 COPY requirements/trainer.txt /opt/trainer/requirements.txt
 RUN python -m pip install ${PIP_EXTRA_ARGS} -r /opt/trainer/requirements.txt
 
 COPY trainer /opt/trainer/trainer
-ENV PYTHONPATH=/opt/trainer
-WORKDIR /data

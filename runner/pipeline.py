@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import secrets
+import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -112,7 +114,8 @@ def submit(spec_path: str | Path, out_root: Path, reporter: Reporter) -> RunResu
         store.add_event(run_id, "run.created", spec=str(loaded.path), provider=provider.type)
         reporter.info(f"run {run_id} -> {run_dir}")
         ctx = RunContext(store, run, loaded, run_dir, provider, reporter)
-        return _execute(ctx)
+        with _signals_interrupt():
+            return _execute(ctx)
 
 
 def _execute(ctx: RunContext) -> RunResult:
@@ -122,11 +125,12 @@ def _execute(ctx: RunContext) -> RunResult:
             _run_phase(ctx, name)
     except RunnerError as exc:
         status, exit_code, error = "failed", exc.exit_code, exc.message
-    except KeyboardInterrupt:
-        status, exit_code, error = "interrupted", EXIT_INTERRUPTED, "interrupted by the user"
+    except KeyboardInterrupt as exc:
+        status, exit_code, error = "interrupted", EXIT_INTERRUPTED, f"interrupted ({exc or 'SIGINT'})"
     finally:
         ctx.failed = status != "succeeded"
-        teardown_error = _teardown_safely(ctx)
+        with _signals_ignored():
+            teardown_error = _teardown_safely(ctx)
         if teardown_error and status == "succeeded":
             status, exit_code, error = "failed", teardown_error.exit_code, teardown_error.message
         ctx.close_logs()
@@ -138,6 +142,33 @@ def _execute(ctx: RunContext) -> RunResult:
     manifest.write(ctx, run, phases)
     ctx.reporter.phase("run", status, error or "")
     return RunResult(run=run, phases=phases, artifacts=ctx.artifacts)
+
+
+@contextmanager
+def _signals_interrupt() -> Iterator[None]:
+    """Treat SIGTERM and SIGHUP (terminal closed) like Ctrl-C, so teardown still runs."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+@contextmanager
+def _signals_ignored() -> Iterator[None]:
+    """Let teardown finish: a second Ctrl-C must not leave containers or instances behind."""
+    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in signals}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _teardown_safely(ctx: RunContext) -> RunnerError | None:

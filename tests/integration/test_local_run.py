@@ -5,6 +5,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -172,3 +176,36 @@ def test_pinned_image_that_is_absent_is_bad_input(docker_engine, tmp_path):
     result = run_cli(tmp_path / "home", "submit", str(spec), "--json", "--out", str(tmp_path / "runs"))
     assert result.code == 2
     assert "is not in the local engine" in result.json["error"]
+
+
+def test_sigterm_during_training_tears_down_and_records_it(image_id, tmp_path, docker_engine):
+    """A killed controller must not leave the job's container running."""
+    spec = quick_job(tmp_path, image_id, train="echo started; sleep 300", outputs=["/out"])
+    env = {**os.environ, "RUNNER_HOME": str(tmp_path / "home")}
+    argv = [sys.executable, "-m", "runner", "submit", str(spec), "--json", "--out", str(tmp_path / "runs")]
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for_container(docker_engine, {"dev.runner.step": "train"}, timeout=120)
+        proc.send_signal(signal.SIGTERM)
+        stdout, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130
+    payload = json.loads(stdout)
+    assert payload["status"] == "interrupted" and payload["error"] == "interrupted (SIGTERM)"
+    phases = {p["name"]: p["status"] for p in payload["phases"]}
+    assert phases["train"] == "interrupted" and phases["teardown"] == "succeeded"
+    left = docker_engine.containers.list(
+        all=True, filters={"label": f"dev.runner.run-id={payload['run_id']}"}
+    )
+    assert left == []
+
+
+def _wait_for_container(client, labels: dict[str, str], timeout: float) -> None:
+    filters = {"label": [f"{k}={v}" for k, v in labels.items()], "status": "running"}
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if client.containers.list(filters=filters):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"no running container with {labels} within {timeout} s")
