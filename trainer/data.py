@@ -1,0 +1,155 @@
+"""Instruction records to training samples: validation, prompt templates, masking, truncation.
+
+Records follow the Alpaca/instinwild layout: `instruction`, optional `input`, `output`.
+Every kept sample ends in EOS, truncated or not, so the model learns where an answer stops.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from trainer.tokenizer import Tokenizer
+
+IGNORE_INDEX = -100
+
+TEMPLATES: dict[str, tuple[str, str]] = {
+    # (with input, without input)
+    "alpaca": (
+        "Below is an instruction that describes a task, paired with an input that provides "
+        "further context. Write a response that appropriately completes the request.\n\n"
+        "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:",
+        "Below is an instruction that describes a task. "
+        "Write a response that appropriately completes the request.\n\n"
+        "### Instruction:\n{instruction}\n\n### Response:",
+    ),
+    "alpaca_zh": (
+        "以下是描述任务的指令，以及提供更多上下文的输入。请写出恰当完成该请求的回答。\n\n"
+        "### 指令:\n{instruction}\n\n### 输入:\n{input}\n\n### 回答:",
+        "以下是描述任务的指令。请写出恰当完成该请求的回答。\n\n### 指令:\n{instruction}\n\n### 回答:",
+    ),
+}
+
+
+class DataError(ValueError):
+    """Input data that cannot be used as asked."""
+
+
+@dataclass(frozen=True)
+class Record:
+    instruction: str
+    input: str
+    output: str
+
+
+@dataclass(frozen=True)
+class BadRecord:
+    index: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class Tokenized:
+    prompt: list[int]  # starts with BOS
+    response: list[int]
+    eos_id: int
+
+    @property
+    def full_length(self) -> int:
+        """Tokens that prompt + response + EOS take before any truncation."""
+        return len(self.prompt) + len(self.response) + 1
+
+
+@dataclass(frozen=True)
+class Sample:
+    input_ids: torch.Tensor  # (T,) prompt + response + EOS
+    labels: torch.Tensor  # (T,) IGNORE_INDEX where the loss is not taken
+    truncated: bool
+
+
+def load_records(path: str | Path) -> list[Any]:
+    """A JSON array, or JSON lines (one object per line)."""
+    text = Path(path).read_text(encoding="utf-8")
+    try:
+        if text.lstrip().startswith("["):
+            return json.loads(text)
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path} is neither a JSON array nor JSON lines: {err}") from err
+
+
+def validate_records(raw: list[Any]) -> tuple[list[Record], list[BadRecord]]:
+    """Split raw records into usable ones and the rest, each with its index and the reason."""
+    good, bad = [], []
+    for index, item in enumerate(raw):
+        reason = _problem(item)
+        if reason:
+            bad.append(BadRecord(index, reason))
+        else:
+            good.append(Record(item["instruction"], item.get("input", ""), item["output"]))
+    return good, bad
+
+
+def _problem(item: Any) -> str | None:
+    if not isinstance(item, dict):
+        return f"not an object but {type(item).__name__}"
+    for key in ("instruction", "output"):
+        if key not in item:
+            return f"missing field {key!r}"
+    for key in ("instruction", "input", "output"):
+        if key in item and not isinstance(item[key], str):
+            return f"field {key!r} is {type(item[key]).__name__}, not a string"
+    if not item["instruction"].strip():
+        return "empty instruction"
+    if not item["output"].strip():
+        return "empty output"
+    return None
+
+
+def format_prompt(record: Record, template: str = "alpaca") -> str:
+    if template not in TEMPLATES:
+        raise DataError(f"unknown template {template!r}; choose from {sorted(TEMPLATES)}")
+    with_input, without_input = TEMPLATES[template]
+    if record.input.strip():
+        return with_input.format(instruction=record.instruction, input=record.input)
+    return without_input.format(instruction=record.instruction)
+
+
+def tokenize(tokenizer: Tokenizer, record: Record, template: str = "alpaca") -> Tokenized:
+    return Tokenized(
+        prompt=tokenizer.encode(format_prompt(record, template), bos=True, eos=False),
+        response=tokenizer.encode(record.output, bos=False, eos=False),
+        eos_id=tokenizer.eos_id,
+    )
+
+
+def build_sample(tokens: Tokenized, max_seq_length: int, mask_inputs: bool = True) -> Sample | None:
+    """Prompt + response + EOS, at most `max_seq_length` long.
+
+    A too-long response is cut before EOS, not after, so EOS survives. None when the prompt
+    leaves no room for one response token and EOS.
+    """
+    room = max_seq_length - len(tokens.prompt) - 1
+    if room < 1:
+        return None
+    truncated = len(tokens.response) > room
+    input_ids = torch.tensor(tokens.prompt + tokens.response[:room] + [tokens.eos_id])
+    labels = input_ids.clone()
+    if mask_inputs:
+        labels[: len(tokens.prompt)] = IGNORE_INDEX
+    return Sample(input_ids, labels, truncated)
+
+
+def encode_sample(
+    tokenizer: Tokenizer,
+    record: Record,
+    max_seq_length: int,
+    template: str = "alpaca",
+    mask_inputs: bool = True,
+) -> Sample | None:
+    return build_sample(tokenize(tokenizer, record, template), max_seq_length, mask_inputs)
