@@ -17,24 +17,15 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import IO, Any, NamedTuple
+from typing import IO, Any
 
 import torch
-import torch.nn.functional as F
-from safetensors.torch import save_file
 
+from trainer.batching import Batch, Row, collate, loss_on
 from trainer.checkpoint import load_model
-from trainer.data import IGNORE_INDEX, DataError
-from trainer.lora import TARGETS, LoRAConfig, apply_lora, count_trainable, lora_state_dict
+from trainer.data import DataError
+from trainer.lora import TARGETS, LoRAConfig, apply_lora, count_trainable, save_adapters
 from trainer.model import LLaMA
-
-Row = dict[str, torch.Tensor]
-
-
-class Batch(NamedTuple):
-    inputs: torch.Tensor  # (B, T)
-    targets: torch.Tensor  # (B, T), IGNORE_INDEX where no loss is taken
-    tokens: int  # real (not padding) input tokens
 
 
 @dataclass(frozen=True)
@@ -105,31 +96,12 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.lr - min_lr)
 
 
-def collate(rows: list[Row]) -> Batch:
-    """Right-pad to the longest sample and shift by one: position t predicts token t + 1.
-    Padding sits after each sample, so causal attention never lets a real token see it."""
-    T = max(len(row["input_ids"]) for row in rows) - 1
-    inputs = torch.zeros(len(rows), T, dtype=torch.long)  # (B, T)
-    targets = torch.full((len(rows), T), IGNORE_INDEX, dtype=torch.long)  # (B, T)
-    for i, row in enumerate(rows):
-        n = len(row["input_ids"]) - 1
-        inputs[i, :n] = row["input_ids"][:-1]
-        targets[i, :n] = row["labels"][1:]
-    return Batch(inputs, targets, sum(len(row["input_ids"]) - 1 for row in rows))
-
-
 def iterate_batches(data: list[Row], batch_size: int, generator: torch.Generator) -> Iterator[Batch]:
     """Batches forever, a fresh permutation per epoch, so each sample is seen once per epoch."""
     while True:
         order = torch.randperm(len(data), generator=generator).tolist()
         for i in range(0, len(order), batch_size):
             yield collate([data[j] for j in order[i : i + batch_size]])
-
-
-def loss_on(model: LLaMA, batch: Batch, device: torch.device) -> torch.Tensor:
-    logits = model(batch.inputs.to(device))  # (B, T, vocab_size)
-    targets = batch.targets.to(device)
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
 
 
 def held_out_batches(rows: list[Row], cfg: TrainConfig) -> list[Batch]:
@@ -258,8 +230,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None]) -> dict[str, Any]:
                 log(f"step {step} val_loss {val_loss:.4f}")
     seconds = time.perf_counter() - start
 
-    metadata = {"lora_config": json.dumps(cfg.lora.to_dict())}
-    save_file(lora_state_dict(model), out / "lora.safetensors", metadata)
+    save_adapters(model, cfg.lora, out)
     return {
         "out": str(out),
         "steps": cfg.max_steps,

@@ -6,12 +6,15 @@ behind `train()` or `eval()`, so frozen weights never drift through repeated mer
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
+from safetensors.torch import save_file
 
 from trainer.model import LLaMA
 
@@ -142,6 +145,19 @@ def load_lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> No
         raise KeyError(f"LoRA keys differ: missing {missing}, unexpected {unexpected}")
     for key, tensor in own.items():
         tensor.copy_(state[key])
+
+
+ADAPTER_FILE = "lora.safetensors"
+
+
+def save_adapters(model: nn.Module, config: LoRAConfig, out_dir: str | Path) -> Path:
+    """Write the adapters to OUT/lora.safetensors, their LoRA config in the file's metadata.
+
+    One metadata key only: safetensors orders keys arbitrarily, and the file must be
+    byte-identical across identical runs."""
+    path = Path(out_dir) / ADAPTER_FILE
+    save_file(lora_state_dict(model), path, metadata={"lora_config": json.dumps(config.to_dict())})
+    return path
 
 
 def count_trainable(model: nn.Module) -> int:

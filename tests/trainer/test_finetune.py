@@ -11,8 +11,9 @@ import torch
 from safetensors import safe_open
 
 import trainer
+from trainer.batching import collate
 from trainer.data import IGNORE_INDEX
-from trainer.finetune import TrainConfig, collate, lr_at
+from trainer.finetune import TrainConfig, lr_at
 
 pytestmark = pytest.mark.unit
 
