@@ -13,6 +13,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 PRESETS: dict[str, dict[str, Any]] = {
     "7B": dict(n_layer=32, n_head=32, n_kv_head=32, n_embd=4096, intermediate_size=11008),
@@ -76,6 +77,7 @@ class LLaMA(nn.Module):
         self.norm = RMSNorm(config.n_embd, config.norm_eps)
         self.output = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.register_buffer("causal_mask", None, persistent=False)
+        self.activation_checkpointing = False
         self.init_rope()
         self.reset_parameters()
 
@@ -129,7 +131,11 @@ class LLaMA(nn.Module):
 
         x = self.tok_embeddings(idx)  # (B, T, C)
         for layer in self.layers:
-            x = layer(x, cos, sin, mask, input_pos)
+            if self.activation_checkpointing and self.training:
+                # Recompute the block in backward instead of keeping its activations.
+                x = checkpoint(layer, x, cos, sin, mask, input_pos, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, input_pos)
         return self.output(self.norm(x))  # (B, T, vocab_size)
 
 
