@@ -84,14 +84,15 @@ def validate(job: Path, as_json: bool) -> None:
     help="Folder that receives runs/<run-id>/.",
 )
 @click.option("-q", "--quiet", is_flag=True, help="Only print phase failures and the result.")
+@click.option("-v", "--verbose", is_flag=True, help="Also show the image build's output.")
 @json_option
 @_errors_handled
-def submit(job: Path, out_dir: Path, quiet: bool, as_json: bool) -> None:
+def submit(job: Path, out_dir: Path, quiet: bool, verbose: bool, as_json: bool) -> None:
     """Run JOB end to end: plan, stage, train, collect, tear down."""
     from runner.console import Reporter
     from runner.pipeline import submit as submit_job
 
-    result = submit_job(job, out_dir, Reporter(quiet=quiet))
+    result = submit_job(job, out_dir, Reporter(quiet=quiet, verbose=verbose))
     if as_json:
         _emit_json(result.to_dict())
     else:

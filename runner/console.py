@@ -7,10 +7,13 @@ from typing import TextIO
 
 
 class Reporter:
-    """Prints phase transitions and (unless quiet) the output of the job's commands."""
+    """Prints phase transitions and (unless quiet) the output of the job's commands.
 
-    def __init__(self, *, quiet: bool = False, stream: TextIO | None = None) -> None:
+    Verbose adds the chatty output (image build steps) that otherwise goes to log files only."""
+
+    def __init__(self, *, quiet: bool = False, verbose: bool = False, stream: TextIO | None = None) -> None:
         self.quiet = quiet
+        self.verbose = verbose and not quiet
         self.stream = stream or sys.stderr
 
     def _write(self, text: str) -> None:

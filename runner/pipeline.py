@@ -49,8 +49,8 @@ class RunContext:
     artifacts: list[Artifact] = field(default_factory=list)
     failed: bool = False
 
-    def log_sink(self, log_name: str, source: str) -> Callable[[str], None]:
-        """A callback that appends a line to logs/<log_name> and echoes it to the terminal."""
+    def log_sink(self, log_name: str, source: str, *, echo: bool = True) -> Callable[[str], None]:
+        """A callback that appends a line to logs/<log_name> and, if echo, shows it on the terminal."""
         path = self.run_dir / "logs" / log_name
         handle = path.open("a", encoding="utf-8")
         self._open_logs.append(handle)
@@ -58,7 +58,8 @@ class RunContext:
         def sink(line: str) -> None:
             handle.write(line + "\n")
             handle.flush()
-            self.reporter.output(source, line)
+            if echo:
+                self.reporter.output(source, line)
 
         return sink
 
@@ -222,7 +223,10 @@ def _plan(ctx: RunContext) -> None:
         if item.sha256 and item.sha256 != digest:
             raise BadInput(f"input {item.src}: sha256 is {digest}, the spec expects {item.sha256}")
         ctx.inputs.append(InputRecord(src=str(path), dest=item.target, sha256=digest, bytes=size))
-    ctx.image = resolve_image(ctx.loaded, ctx.log_sink("image-build.log", "image"))
+    build_log = ctx.log_sink("image-build.log", "image", echo=ctx.reporter.verbose)
+    if ctx.loaded.spec.image.build is not None:
+        ctx.reporter.info(f"building the image (log: {ctx.run_dir / 'logs' / 'image-build.log'})")
+    ctx.image = resolve_image(ctx.loaded, build_log)
     ctx.store.add_event(ctx.run.id, "image.resolved", id=ctx.image.image.id, ref=ctx.image.image.ref)
     if ctx.loaded.spec.image.build is not None:
         write_lock(ctx.loaded, ctx.image)
