@@ -1,36 +1,69 @@
 """LoRA fine-tuning of a base checkpoint on data written by `trainer.prepare`.
 
-A plain loop: AdamW on the adapters only, linear warm-up then cosine decay, micro-batches padded
-to their longest sample. Every optimizer step appends one JSON line to OUT/metrics.jsonl; the
+A plain loop: AdamW on the adapters only, linear warm-up then cosine decay, micro-batches grouped
+by length and padded to their longest sample, gradient accumulation, and data parallelism when
+started by torchrun. Every optimizer step appends one JSON line to OUT/metrics.jsonl; the
 adapters end in OUT/lora.safetensors with their LoRA config in the file's metadata.
-On a CPU the same seed gives the same loss curve and bit-identical adapters.
+Checkpoints in OUT/checkpoints let a run that was stopped (SIGTERM, SIGINT) or lost continue
+with --resume; on a CPU the continued run ends with the same adapters, bit for bit, as one that
+never stopped, and the same seed always gives the same loss curve.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import math
+import os
 import random
+import resource
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import IO, Any
+from typing import Any, NamedTuple
 
 import torch
+import torch.distributed
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
 
-from trainer.batching import Batch, Row, collate, loss_on
+from trainer.batching import Batch, BatchSampler, Row, collate, draw_global_batch, loss_on, target_count
 from trainer.checkpoint import load_model
 from trainer.data import DataError
-from trainer.lora import TARGETS, LoRAConfig, apply_lora, count_trainable, save_adapters
+from trainer.lora import TARGETS, LoRAConfig, apply_lora, count_trainable, load_lora_state_dict, save_adapters
 from trainer.model import LLaMA
+from trainer.train_state import (
+    Checkpoint,
+    Metrics,
+    Progress,
+    ResumeError,
+    StopSignal,
+    check_resumable,
+    find_checkpoint,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    truncate_lines,
+)
+
+PRECISIONS = ("auto", "fp32", "bf16-true", "bf16-mixed")
+METRICS = "metrics.jsonl"
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+
+
+class TrainError(ValueError):
+    """A run that cannot go ahead as asked on this machine."""
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Everything a run depends on besides its inputs; saved as OUT/train_config.json."""
+    """Everything a run depends on besides its inputs; saved as OUT/train_config.json and in
+    every checkpoint."""
 
     checkpoint_dir: str
     data_dir: str
@@ -40,7 +73,7 @@ class TrainConfig:
     lora_dropout: float = 0.05
     lora_targets: tuple[str, ...] = ("q", "v")
     lr: float = 3e-4
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0  # on weight matrices only (LoRA A and B), never on norms or biases
     micro_batch_size: int = 4
     grad_accum: int = 1
     max_steps: int = 1000
@@ -48,29 +81,44 @@ class TrainConfig:
     eval_interval: int = 100
     eval_batches: int = 8
     log_interval: int = 1
+    save_interval: int = 100  # 0: a checkpoint only when stopped by a signal
+    keep_checkpoints: int = 2
     max_seq_length: int | None = None  # None: the value the data was prepared with
     seed: int = 1337
     grad_clip: float = 1.0  # 0 turns clipping off
-    precision: str = "auto"  # auto, fp32 or bf16
+    length_grouped: bool = False  # less padding, but on small data less gradient variety
+    activation_checkpointing: bool = False
+    precision: str = "auto"  # auto, fp32, bf16-true or bf16-mixed
     device: str = "auto"  # auto, cpu, cuda, cuda:N
 
     def __post_init__(self) -> None:
         positive = ("micro_batch_size", "grad_accum", "max_steps", "eval_interval", "log_interval")
-        for name in positive:
+        for name in (*positive, "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
+        for name in ("eval_batches", "save_interval", "weight_decay", "grad_clip"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative")
         if not 0 <= self.warmup_steps < self.max_steps:
             raise ValueError(
                 f"warmup_steps ({self.warmup_steps}) must be at least 0 and less than max_steps "
                 f"({self.max_steps})"
             )
-        if self.precision not in ("auto", "fp32", "bf16"):
-            raise ValueError(f"precision must be auto, fp32 or bf16, not {self.precision!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
         _ = self.lora  # building the LoRA config validates its fields
 
     @property
     def lora(self) -> LoRAConfig:
         return LoRAConfig(self.lora_r, self.lora_alpha, self.lora_dropout, self.lora_targets)
+
+
+class Dist(NamedTuple):
+    """This process's place in a data-parallel run; rank 0 of 1 when not started by torchrun."""
+
+    rank: int
+    world_size: int
+    device: torch.device
 
 
 def resolve_device(name: str) -> torch.device:
@@ -79,12 +127,20 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def resolve_precision(name: str, device: torch.device) -> torch.dtype:
-    """bf16 weights where the GPU supports them, float32 otherwise; adapters are float32 always."""
+def resolve_precision(name: str, device: torch.device) -> str:
+    """auto: bf16 weights where the GPU computes in bf16 natively (compute capability 8.0 and
+    later), float32 elsewhere. Adapters are float32 always; bf16-mixed keeps float32 weights and
+    runs the forward pass under bf16 autocast."""
+    bf16_gpu = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
     if name == "auto":
-        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if bf16 else torch.float32
-    return torch.bfloat16 if name == "bf16" else torch.float32
+        return "bf16-true" if bf16_gpu else "fp32"
+    if name.startswith("bf16") and device.type == "cuda" and not bf16_gpu:
+        raise TrainError(f"{torch.cuda.get_device_name(device)} has no native bf16; use --precision fp32")
+    return name
+
+
+def autocast(precision: str, device: torch.device) -> AbstractContextManager:
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -96,12 +152,37 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.lr - min_lr)
 
 
-def iterate_batches(data: list[Row], batch_size: int, generator: torch.Generator) -> Iterator[Batch]:
-    """Batches forever, a fresh permutation per epoch, so each sample is seen once per epoch."""
-    while True:
-        order = torch.randperm(len(data), generator=generator).tolist()
-        for i in range(0, len(order), batch_size):
-            yield collate([data[j] for j in order[i : i + batch_size]])
+def keep_freed_memory() -> None:
+    """Have glibc keep freed memory for reuse instead of handing it back to the system.
+
+    Every step frees and allocates again the same large activations (the logits alone are
+    tokens x vocabulary x 4 bytes). glibc maps any block over 32 MiB on demand and unmaps it when
+    freed, so each step pays page faults to map and zero them afresh: a quarter of the step time
+    of a small model with LLaMA's vocabulary (bench/trainer_cpu.py). The price is a higher peak
+    RSS where freed blocks do not fit later requests. On GPUs, PyTorch's caching allocator
+    already reuses memory this way."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc
+        return
+    libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)
+    libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
+
+
+def init_distributed(cfg: TrainConfig) -> Dist:
+    """Join the process group torchrun describes in the environment (WORLD_SIZE, RANK, LOCAL_RANK):
+    NCCL between GPUs, one per process, Gloo between CPU processes."""
+    device = resolve_device(cfg.device)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return Dist(0, 1, device)
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Dist(torch.distributed.get_rank(), world_size, device)
 
 
 def held_out_batches(rows: list[Row], cfg: TrainConfig) -> list[Batch]:
@@ -113,9 +194,10 @@ def held_out_batches(rows: list[Row], cfg: TrainConfig) -> list[Batch]:
 
 
 @torch.no_grad()
-def evaluate(model: LLaMA, batches: list[Batch], device: torch.device) -> float:
+def evaluate(model: nn.Module, batches: list[Batch], device: torch.device, precision: str) -> float:
     model.eval()
-    losses = [loss_on(model, batch, device).item() for batch in batches]
+    with autocast(precision, device):
+        losses = [loss_on(model, batch, device).item() for batch in batches]
     model.train()
     return sum(losses) / len(losses)
 
@@ -138,111 +220,319 @@ def load_data(cfg: TrainConfig, model_max: int) -> tuple[list[Row], list[Row]]:
     return train_rows, test_rows
 
 
-def prepare_model(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> LLaMA:
+def prepare_model(cfg: TrainConfig, device: torch.device, precision: str) -> LLaMA:
     model, _ = load_model(cfg.checkpoint_dir)
-    model = model.to(device=device, dtype=dtype)
+    model = model.to(device=device, dtype=torch.bfloat16 if precision == "bf16-true" else torch.float32)
     model.init_rope()  # rebuilt in float32: the cast above would have rounded the tables
     apply_lora(model, cfg.lora)
+    model.activation_checkpointing = cfg.activation_checkpointing
     return model.train()
 
 
-def train_step(
-    model: LLaMA,
+def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices (LoRA A and B) only: vectors such as norm scales or
+    biases, were any trainable, have natural values far from zero, where decay would pull them."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, fused=device.type == "cuda")
+
+
+def optimizer_step(
+    model: nn.Module,
     optimizer: torch.optim.Optimizer,
-    batches: Iterator[Batch],
+    batches: list[Batch],
+    weight: float,
     cfg: TrainConfig,
     device: torch.device,
-) -> tuple[float, int]:
-    """One optimizer step over `grad_accum` micro-batches; returns (mean loss, tokens seen)."""
-    total_loss, tokens = 0.0, 0
-    for _ in range(cfg.grad_accum):
-        batch = next(batches)
-        loss = loss_on(model, batch, device)
-        (loss / cfg.grad_accum).backward()
-        total_loss += loss.item() / cfg.grad_accum
-        tokens += batch.tokens
-    params = [p for p in model.parameters() if p.requires_grad]
+    precision: str,
+) -> torch.Tensor:
+    """One optimizer step over this process's micro-batches; returns their summed loss.
+
+    The loss is normalised by tokens, not by micro-batch: each micro-batch's summed loss is
+    multiplied by `weight`, world size / target tokens of the global batch, so every target
+    token weighs the same wherever it sits, and the gradient (which DDP averages over processes)
+    is that of the mean loss over the global batch, as a single process would compute it."""
+    total = torch.zeros((), device=device)
+    for i, batch in enumerate(batches):
+        last = i == len(batches) - 1
+        # Under DDP, gradients are averaged over processes once per step, after the last micro-batch.
+        sync = model.no_sync() if isinstance(model, DistributedDataParallel) and not last else nullcontext()
+        with sync:
+            with autocast(precision, device):
+                loss = loss_on(model, batch, device, reduction="sum")
+            (loss * weight).backward()
+        total += loss.detach()
     if cfg.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return total_loss, tokens
+    return total
 
 
-def write_line(stream: IO[str], record: dict[str, Any]) -> None:
-    stream.write(json.dumps(record) + "\n")
-    stream.flush()
+def reduce_step(loss_sum: torch.Tensor, stop: bool, dist: Dist) -> tuple[float, bool]:
+    """The step's loss summed over all processes, and whether any of them was asked to stop:
+    a signal may reach the processes during different steps, so they agree here to stop together."""
+    if dist.world_size == 1:
+        return loss_sum.item(), stop
+    packed = torch.stack(
+        [loss_sum.double(), torch.tensor(float(stop), dtype=torch.float64, device=dist.device)]
+    )
+    torch.distributed.all_reduce(packed)
+    return packed[0].item(), packed[1].item() > 0
 
 
-def train(cfg: TrainConfig, log: Callable[[str], None]) -> dict[str, Any]:
-    """Run the whole fine-tuning job described by `cfg`; return its summary."""
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak GPU memory allocated by tensors on a GPU, peak resident set size on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss / (2**30 if sys.platform == "darwin" else 2**20)
+
+
+@dataclass
+class Run:
+    """A run set up and ready to train: everything the loop works on."""
+
+    cfg: TrainConfig
+    dist: Dist
+    precision: str
+    model: LLaMA  # the adapted model; adapters, evaluation and checkpoints are taken from it
+    trained: nn.Module  # what the loop calls: `model`, or `model` wrapped in DDP
+    optimizer: torch.optim.Optimizer
+    sampler: BatchSampler
+    rows: list[Row]
+    targets: list[int]  # loss targets of each row
+    eval_batches: list[Batch]
+    progress: Progress
+    resumed_from: Path | None
+
+
+def setup(cfg: TrainConfig, dist: Dist, resume_from: str | None, log: Callable[[str], None]) -> Run:
+    """Model, data, optimizer and batch order, fresh or as a checkpoint left them."""
     out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
-    device = resolve_device(cfg.device)
-    dtype = resolve_precision(cfg.precision, device)
+    precision = resolve_precision(cfg.precision, dist.device)
+    checkpoint_path = find_checkpoint(out, resume_from)
+    if dist.device.type == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32 for the float32 adapter matmuls
+    else:
+        keep_freed_memory()
+    # The same seed in every process gives every process the same adapters to start from...
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-
-    model = prepare_model(cfg, device, dtype)
+    model = prepare_model(cfg, dist.device, precision)
+    if dist.world_size > 1:
+        torch.manual_seed(cfg.seed + dist.rank)  # ...and each its own dropout masks
     train_rows, test_rows = load_data(cfg, model.config.max_seq_len)
-    eval_batches = held_out_batches(test_rows, cfg)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    batches = iterate_batches(train_rows, cfg.micro_batch_size, generator)
-    log(
-        f"training {count_trainable(model):,} LoRA parameters on {len(train_rows)} samples, "
-        f"{device} {str(dtype).removeprefix('torch.')}"
+    lengths = [len(row["input_ids"]) for row in train_rows]
+    sampler = BatchSampler(lengths, cfg.micro_batch_size, cfg.seed, cfg.length_grouped)
+    optimizer = build_optimizer(model, cfg, dist.device)
+
+    progress = Progress()
+    if checkpoint_path is not None:
+        progress = resume(load_checkpoint(checkpoint_path), cfg, model, optimizer, sampler, dist)
+        log(f"resuming from {checkpoint_path} at step {progress.step}")
+    elif resume_from == "auto":
+        log(f"no checkpoint in {out / 'checkpoints'}; starting from the beginning")
+    if dist.rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+        progress.metrics_lines = truncate_lines(out / METRICS, progress.metrics_lines)
+    trained: nn.Module = model
+    if dist.world_size > 1:
+        device_ids = [dist.device.index] if dist.device.type == "cuda" else None
+        trained = DistributedDataParallel(model, device_ids=device_ids)
+    return Run(
+        cfg=cfg,
+        dist=dist,
+        precision=precision,
+        model=model,
+        trained=trained,
+        optimizer=optimizer,
+        sampler=sampler,
+        rows=train_rows,
+        targets=[target_count(row) for row in train_rows],
+        eval_batches=held_out_batches(test_rows, cfg),
+        progress=progress,
+        resumed_from=checkpoint_path,
     )
 
-    losses: list[float] = []
-    val_loss, total_tokens, start = None, 0, time.perf_counter()
-    with open(out / "metrics.jsonl", "w") as metrics:
-        for step in range(1, cfg.max_steps + 1):
-            lr = lr_at(step, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            step_start = time.perf_counter()
-            loss, tokens = train_step(model, optimizer, batches, cfg, device)
-            now = time.perf_counter()
-            losses.append(loss)
-            total_tokens += tokens
-            write_line(
-                metrics,
-                {
-                    "step": step,
-                    "loss": loss,
-                    "lr": lr,
-                    "tokens": tokens,
-                    "tokens_per_s": tokens / (now - step_start),
-                    "elapsed_s": now - start,
-                },
-            )
+
+def resume(
+    checkpoint: Checkpoint,
+    cfg: TrainConfig,
+    model: LLaMA,
+    optimizer: torch.optim.Optimizer,
+    sampler: BatchSampler,
+    dist: Dist,
+) -> Progress:
+    """Put the adapters, optimizer, batch order and random streams back where the checkpoint
+    left them; the learning rate follows from the step."""
+    check_resumable(checkpoint.config, asdict(cfg), checkpoint.path)
+    state = checkpoint.state
+    if state["world_size"] != dist.world_size:
+        raise ResumeError(
+            f"cannot resume from {checkpoint.path} with {dist.world_size} process(es): it was "
+            f"written by {state['world_size']}, whose batch shares and random streams it holds"
+        )
+    if state["step"] > cfg.max_steps:
+        raise ResumeError(f"{checkpoint.path} is at step {state['step']}, past --max-steps {cfg.max_steps}")
+    try:
+        sampler.load_state_dict(state["sampler"])
+    except ValueError as err:
+        raise ResumeError(f"cannot resume from {checkpoint.path}: {err}") from err
+    load_lora_state_dict(model, checkpoint.adapters)
+    optimizer.load_state_dict(checkpoint.optimizer)
+    set_rng_state(state["rng"][dist.rank], dist.device)
+    return Progress(state["step"], state["metrics_lines"], state["elapsed_s"])
+
+
+def checkpoint_now(run: Run) -> Path | None:
+    """Save a training checkpoint. Every process takes part, since each has its own random
+    state; rank 0 writes the checkpoint and returns its path."""
+    dist = run.dist
+    states: list[Any] = [rng_state(dist.device)]
+    if dist.world_size > 1:
+        states = [None] * dist.world_size
+        torch.distributed.all_gather_object(states, rng_state(dist.device))
+    if dist.rank != 0:
+        return None
+    state = {
+        "step": run.progress.step,
+        "metrics_lines": run.progress.metrics_lines,
+        "elapsed_s": run.progress.elapsed_s,
+        "world_size": dist.world_size,
+        "sampler": run.sampler.state_dict(),
+        "rng": states,
+    }
+    cfg = run.cfg
+    return save_checkpoint(
+        Path(cfg.out_dir),
+        run.progress.step,
+        run.model,
+        cfg.lora,
+        run.optimizer,
+        asdict(cfg),
+        state,
+        cfg.keep_checkpoints,
+    )
+
+
+def train_step(run: Run, step: int, stop_requested: bool) -> tuple[dict[str, Any], bool]:
+    """One optimizer step; returns its metrics line (less elapsed_s) and whether the processes
+    agreed to stop."""
+    cfg, dist = run.cfg, run.dist
+    lr = lr_at(step, cfg)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    start = time.perf_counter()
+    batches = draw_global_batch(
+        run.sampler, run.rows, run.targets, cfg.grad_accum, dist.rank, dist.world_size
+    )
+    weight = dist.world_size / batches.targets
+    loss_sum = optimizer_step(
+        run.trained, run.optimizer, batches.own, weight, cfg, dist.device, run.precision
+    )
+    loss_sum, stopping = reduce_step(loss_sum, stop_requested, dist)
+    seconds = time.perf_counter() - start
+    run.progress.step = step
+    record = {
+        "step": step,
+        "loss": loss_sum / batches.targets,
+        "lr": lr,
+        "tokens": batches.tokens,
+        "tokens_per_s": batches.tokens / seconds,
+        "padding": batches.padding,
+        "epoch": run.sampler.epoch,
+        "peak_mem_gib": peak_memory_gib(dist.device),
+    }
+    return record, stopping
+
+
+def evaluate_if_due(run: Run, step: int, metrics: Metrics, log: Callable[[str], None]) -> float | None:
+    """val_loss every eval_interval steps and at the last, on rank 0 while the others wait."""
+    cfg = run.cfg
+    if not run.eval_batches or run.dist.rank != 0:
+        return None
+    if step % cfg.eval_interval and step != cfg.max_steps:
+        return None
+    val_loss = evaluate(run.model, run.eval_batches, run.dist.device, run.precision)
+    metrics.write({"step": step, "val_loss": val_loss})
+    log(f"step {step} val_loss {val_loss:.4f}")
+    return val_loss
+
+
+def fit(run: Run, stop: StopSignal, log: Callable[[str], None]) -> dict[str, Any]:
+    """The training loop, from wherever the run stands to max_steps or a stop signal."""
+    cfg, dist = run.cfg, run.dist
+    out = Path(cfg.out_dir)
+    log(
+        f"training {count_trainable(run.model):,} LoRA parameters on {len(run.rows)} samples, "
+        f"{dist.device} {run.precision}, {dist.world_size} process(es), global batch "
+        f"{cfg.micro_batch_size * cfg.grad_accum * dist.world_size}"
+    )
+    records: list[dict[str, Any]] = []
+    val_loss, saved, stopped = None, None, None
+    start, elapsed_before = time.perf_counter(), run.progress.elapsed_s
+    with Metrics(out / METRICS, run.progress.metrics_lines, dist.rank == 0) as metrics:
+        for step in range(run.progress.step + 1, cfg.max_steps + 1):
+            record, stopping = train_step(run, step, stop.received is not None)
+            run.progress.elapsed_s = record["elapsed_s"] = elapsed_before + time.perf_counter() - start
+            records.append(record)
+            metrics.write(record)
             if step % cfg.log_interval == 0 or step == cfg.max_steps:
                 log(
-                    f"step {step}/{cfg.max_steps} loss {loss:.4f} lr {lr:.2e} "
-                    f"{tokens / (now - step_start):.0f} tok/s"
+                    f"step {step}/{cfg.max_steps} loss {record['loss']:.4f} lr {record['lr']:.2e} "
+                    f"{record['tokens_per_s']:.0f} tok/s padding {record['padding']:.1%} "
+                    f"peak {record['peak_mem_gib']:.2f} GiB"
                 )
-            if eval_batches and (step % cfg.eval_interval == 0 or step == cfg.max_steps):
-                val_loss = evaluate(model, eval_batches, device)
-                write_line(metrics, {"step": step, "val_loss": val_loss})
-                log(f"step {step} val_loss {val_loss:.4f}")
-    seconds = time.perf_counter() - start
-
-    save_adapters(model, cfg.lora, out)
+            evaluated = evaluate_if_due(run, step, metrics, log)
+            val_loss = val_loss if evaluated is None else evaluated
+            run.progress.metrics_lines = metrics.lines
+            if stopping or (cfg.save_interval and step % cfg.save_interval == 0):
+                saved = checkpoint_now(run) or saved
+            if stopping:
+                stopped = stop.received or "a stop signal to another process"
+                log(f"received {stopped}; stopped after step {step}")
+                break
+    if dist.rank == 0:
+        save_adapters(run.model, cfg.lora, out)
+    if dist.world_size > 1:
+        torch.distributed.barrier()  # leave together: a process group torn down early aborts the rest
     return {
         "out": str(out),
-        "steps": cfg.max_steps,
-        "first_loss": losses[0],
-        "final_loss": losses[-1],
+        "steps": run.progress.step,
+        "resumed_from": run.resumed_from and str(run.resumed_from),
+        "stopped": stopped,
+        "checkpoint": saved and str(saved),
+        "first_loss": records[0]["loss"] if records else None,
+        "final_loss": records[-1]["loss"] if records else None,
         "val_loss": val_loss,
-        "seconds": round(seconds, 3),
-        "tokens": total_tokens,
-        "trainable_params": count_trainable(model),
-        "device": str(device),
-        "precision": str(dtype).removeprefix("torch."),
+        "seconds": round(time.perf_counter() - start, 3),
+        "tokens": sum(r["tokens"] for r in records),
+        "padding": sum(r["padding"] for r in records) / len(records) if records else None,
+        "trainable_params": count_trainable(run.model),
+        "device": str(dist.device),
+        "precision": run.precision,
+        "world_size": dist.world_size,
     }
+
+
+def train(cfg: TrainConfig, log: Callable[[str], None], resume_from: str | None = None) -> dict[str, Any]:
+    """Run the fine-tuning job described by `cfg`, or continue it (`resume_from`: "auto" or a
+    checkpoint path, as `trainer.train_state.find_checkpoint` takes it); return its summary.
+    Under torchrun every process calls this; only rank 0 logs and writes files."""
+    dist = init_distributed(cfg)
+    say = log if dist.rank == 0 else lambda _: None
+    # Installed first, so that a signal during set-up too ends in a checkpoint and exit 0.
+    try:
+        with StopSignal() as stop:
+            return fit(setup(cfg, dist, resume_from, say), stop, say)
+    finally:
+        if dist.world_size > 1:
+            torch.distributed.destroy_process_group()
 
 
 def _targets(text: str) -> tuple[str, ...]:
@@ -257,9 +547,16 @@ def build_parser() -> argparse.ArgumentParser:
     def add(flag: str, dest: str, kind: Callable[[str], Any], text: str) -> None:
         default = defaults[dest]
         shown = ",".join(default) if isinstance(default, tuple) else default
-        parser.add_argument(flag, dest=dest, type=kind, help=f"{text} (default {shown})")
+        if kind is bool:
+            parser.add_argument(
+                flag, dest=dest, action=argparse.BooleanOptionalAction, help=f"{text} (default {shown})"
+            )
+        else:
+            parser.add_argument(flag, dest=dest, type=kind, help=f"{text} (default {shown})")
 
-    parser.add_argument("--checkpoint-dir", required=True, help="base model checkpoint folder")
+    parser.add_argument(
+        "--checkpoint-dir", "--checkpoint", required=True, help="base model checkpoint folder"
+    )
     parser.add_argument("--data-dir", required=True, help="folder with train.pt and test.pt")
     parser.add_argument("--out", dest="out_dir", required=True, help="output folder")
     add("--lora-r", "lora_r", int, "LoRA rank")
@@ -267,42 +564,67 @@ def build_parser() -> argparse.ArgumentParser:
     add("--lora-dropout", "lora_dropout", float, "dropout on the adapter input")
     add("--lora-targets", "lora_targets", _targets, f"comma-separated, from {','.join(TARGETS)}")
     add("--lr", "lr", float, "peak learning rate")
-    add("--weight-decay", "weight_decay", float, "AdamW weight decay")
+    add("--weight-decay", "weight_decay", float, "AdamW weight decay, on weight matrices only")
     add("--micro-batch-size", "micro_batch_size", int, "samples per forward pass")
-    add("--grad-accum", "grad_accum", int, "micro-batches per optimizer step")
+    add("--grad-accum", "grad_accum", int, "micro-batches per optimizer step and process")
     add("--max-steps", "max_steps", int, "optimizer steps")
     add("--warmup-steps", "warmup_steps", int, "linear warm-up steps")
     add("--eval-interval", "eval_interval", int, "optimizer steps between evaluations")
     add("--eval-batches", "eval_batches", int, "held-out micro-batches per evaluation")
     add("--log-interval", "log_interval", int, "optimizer steps between progress lines")
+    add("--save-interval", "save_interval", int, "optimizer steps between checkpoints; 0: only on a signal")
+    add("--keep-checkpoints", "keep_checkpoints", int, "checkpoints kept, the newest")
     add("--max-seq-length", "max_seq_length", int, "longest sample allowed; None: prepare's")
     add("--seed", "seed", int, "seed for initialisation, dropout and batch order")
     add("--grad-clip", "grad_clip", float, "gradient norm clip; 0 turns it off")
-    add("--precision", "precision", str, "auto, fp32 or bf16")
+    add("--length-grouped", "length_grouped", bool, "batch samples of similar length together")
+    add("--activation-checkpointing", "activation_checkpointing", bool, "recompute blocks in backward")
+    add("--precision", "precision", str, "|".join(PRECISIONS))
     add("--device", "device", str, "auto, cpu, cuda or cuda:N")
+    parser.add_argument(
+        "--resume",
+        nargs="?",
+        const="auto",
+        metavar="PATH",
+        help="continue from OUT/checkpoints/latest (starting afresh if there is none), or from PATH",
+    )
     parser.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     return parser
 
 
+def _fail(err: Exception) -> int:
+    print(f"error: {err}", file=sys.stderr)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    given = {k: v for k, v in vars(args).items() if k != "json" and v is not None}
-    try:
-        cfg = TrainConfig(**given)
-    except ValueError as err:
-        parser.error(str(err))
+    args = build_parser().parse_args(argv)
+    given = {k: v for k, v in vars(args).items() if k not in ("json", "resume") and v is not None}
 
     def log(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
     try:
-        summary = train(cfg, log)
-    except DataError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        cfg = TrainConfig(**given)
+    except ValueError as err:
+        return _fail(err)
+    try:
+        summary = train(cfg, log, resume_from=args.resume)
+    except (DataError, ResumeError, TrainError) as err:
+        return _fail(err)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
     if args.json:
         print(json.dumps(summary))
+    elif summary["stopped"]:
+        again = "again" if args.resume else "again with --resume"
+        log(
+            f"stopped by {summary['stopped']} at step {summary['steps']}; checkpoint in "
+            f"{summary['checkpoint']}, adapters so far in {summary['out']}/lora.safetensors; "
+            f"to continue, run the same command {again}"
+        )
+    elif summary["final_loss"] is None:
+        log(f"done: the checkpoint is at step {summary['steps']} already; adapters in {summary['out']}")
     else:
         log(
             f"done: {summary['steps']} steps in {summary['seconds']} s, loss "

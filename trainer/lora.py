@@ -2,6 +2,8 @@
 
 The adapted Linear layers are replaced explicitly and merged explicitly, once: nothing happens
 behind `train()` or `eval()`, so frozen weights never drift through repeated merge round trips.
+Adapters are saved twice: in our own layout (lora.safetensors) and as a PEFT adapter folder for
+the Hugging Face layout of the same base model, which PEFT and vLLM load as is.
 """
 
 from __future__ import annotations
@@ -14,8 +16,10 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from safetensors.torch import save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
 
+from trainer.hf_format import needs_row_permutation, to_hf_module, to_hf_rows
 from trainer.model import LLaMA
 
 # Which Linear layers each target name adapts, relative to a transformer block.
@@ -27,6 +31,14 @@ LAYER_TARGETS: dict[str, tuple[str, ...]] = {
     "mlp": ("feed_forward.w1", "feed_forward.w2", "feed_forward.w3"),
 }
 TARGETS = (*LAYER_TARGETS, "head")
+
+ADAPTER_FILE = "lora.safetensors"
+PEFT_WEIGHTS = "adapter_model.safetensors"
+PEFT_CONFIG = "adapter_config.json"
+
+
+class AdapterError(ValueError):
+    """Adapters that cannot be read, or that do not fit the model they are loaded into."""
 
 
 @dataclass(frozen=True)
@@ -138,26 +150,142 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def load_lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Copy adapter tensors into a model that `apply_lora` prepared; the keys must match exactly."""
+    """Copy adapter tensors into a model that `apply_lora` prepared; keys and shapes must match."""
     own = lora_state_dict(model)
-    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    if missing or unexpected:
-        raise KeyError(f"LoRA keys differ: missing {missing}, unexpected {unexpected}")
+    check_fit({key: tuple(tensor.shape) for key, tensor in own.items()}, state)
     for key, tensor in own.items():
         tensor.copy_(state[key])
 
 
-ADAPTER_FILE = "lora.safetensors"
+def check_fit(expected: dict[str, tuple[int, ...]], state: dict[str, torch.Tensor]) -> None:
+    """Raise AdapterError naming the keys that are missing, unexpected or of the wrong shape."""
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    wrong = [
+        f"{key} {tuple(state[key].shape)} (model needs {shape})"
+        for key, shape in expected.items()
+        if key in state and tuple(state[key].shape) != shape
+    ]
+    listed = {"missing": missing, "unexpected": unexpected, "wrong shape": wrong}
+    problems = [f"{what} {_first(keys)}" for what, keys in listed.items() if keys]
+    if problems:
+        raise AdapterError("LoRA adapters do not fit the model: " + "; ".join(problems))
+
+
+def _first(items: list[str], limit: int = 4) -> str:
+    more = f" and {len(items) - limit} more" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
+
+
+def expected_shapes(model: LLaMA, config: LoRAConfig) -> dict[str, tuple[int, ...]]:
+    """The adapter tensors `apply_lora(model, config)` would create, and their shapes."""
+    shapes = {}
+    for name in target_module_names(model, config.targets):
+        base = model.get_submodule(name)
+        if not isinstance(base, nn.Linear):
+            raise AdapterError(
+                f"{name} is {type(base).__name__}, not a plain Linear (adapters applied twice?)"
+            )
+        shapes[f"{name}.lora_a"] = (config.r, base.in_features)
+        shapes[f"{name}.lora_b"] = (base.out_features, config.r)
+    return shapes
+
+
+def read_adapters(path: str | Path) -> tuple[LoRAConfig, dict[str, torch.Tensor]]:
+    """The LoRA config and tensors of a lora.safetensors written by `save_adapters`, or of the
+    one in the folder `path`."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / ADAPTER_FILE
+    try:
+        with safe_open(path, framework="pt") as file:
+            metadata = file.metadata() or {}
+        state = load_file(path)
+    except (OSError, SafetensorError) as err:
+        raise AdapterError(f"cannot read adapters {path}: {err}") from err
+    if "lora_config" not in metadata:
+        raise AdapterError(f"{path} has no lora_config metadata; it was not written by save_adapters")
+    try:
+        config = LoRAConfig.from_dict(json.loads(metadata["lora_config"]))
+    except (ValueError, TypeError, KeyError) as err:
+        raise AdapterError(f"{path} has an unusable lora_config: {err}") from err
+    return config, state
+
+
+def load_adapters(model: LLaMA, path: str | Path) -> LoRAConfig:
+    """Apply the LoRA of a lora.safetensors to `model` and load its tensors, unmerged.
+
+    Everything is checked against the model before it is changed, so a file for another model
+    leaves it as it was."""
+    config, state = read_adapters(path)
+    check_fit(expected_shapes(model, config), state)
+    load_lora_state_dict(apply_lora(model, config), state)
+    return config
 
 
 def save_adapters(model: nn.Module, config: LoRAConfig, out_dir: str | Path) -> Path:
-    """Write the adapters to OUT/lora.safetensors, their LoRA config in the file's metadata.
+    """Write OUT/lora.safetensors (our layout, the LoRA config in its metadata) and a PEFT adapter
+    for the Hugging Face layout of the base model (OUT/adapter_model.safetensors and
+    OUT/adapter_config.json); return the path of lora.safetensors.
 
     One metadata key only: safetensors orders keys arbitrarily, and the file must be
     byte-identical across identical runs."""
-    path = Path(out_dir) / ADAPTER_FILE
-    save_file(lora_state_dict(model), path, metadata={"lora_config": json.dumps(config.to_dict())})
+    out = Path(out_dir)
+    state = lora_state_dict(model)
+    path = out / ADAPTER_FILE
+    save_file(state, path, metadata={"lora_config": json.dumps(config.to_dict())})
+    shape = model.config
+    save_file(peft_state_dict(state, shape.n_head, shape.n_kv_head), out / PEFT_WEIGHTS, {"format": "pt"})
+    (out / PEFT_CONFIG).write_text(json.dumps(peft_config(config), indent=2) + "\n")
     return path
+
+
+def peft_state_dict(state: dict[str, torch.Tensor], n_head: int, n_kv_head: int) -> dict[str, torch.Tensor]:
+    """Our adapter tensors, renamed and reordered for PEFT on the Hugging Face model.
+
+    Hugging Face permutes the rows of q and k for its rotate-half RoPE; B's rows are the same
+    output features, so B gets the same permutation. A acts on the inputs and is unchanged."""
+    out = {}
+    for key, tensor in state.items():
+        module, _, matrix = key.rpartition(".")
+        if matrix == "lora_b" and needs_row_permutation(module):
+            tensor = to_hf_rows(tensor, n_head if module.endswith("wq") else n_kv_head)
+        name = "lora_A" if matrix == "lora_a" else "lora_B"  # A (r, in), B (out, r) in both layouts
+        out[f"base_model.model.{to_hf_module(module)}.{name}.weight"] = tensor.contiguous()
+    return out
+
+
+def peft_target_modules(targets: tuple[str, ...]) -> list[str]:
+    """Hugging Face's short module names (q_proj, gate_proj, lm_head, ...) for our targets."""
+    ours = [f"layers.0.{suffix}" for target in targets for suffix in LAYER_TARGETS.get(target, ())]
+    ours += ["output"] if "head" in targets else []
+    return sorted({to_hf_module(name).rpartition(".")[2] for name in ours})
+
+
+def peft_config(config: LoRAConfig) -> dict[str, Any]:
+    """adapter_config.json for PEFT's LoraConfig. PEFT scales by lora_alpha / r, as we do, as long
+    as rsLoRA is off; adapters sit on every layer, so short module names select them all."""
+    alpha = config.alpha
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": None,
+        "revision": None,
+        "inference_mode": True,
+        "r": config.r,
+        "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,
+        "lora_dropout": config.dropout,
+        "target_modules": peft_target_modules(config.targets),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+    }
 
 
 def count_trainable(model: nn.Module) -> int:

@@ -72,7 +72,10 @@ class LLaMA(nn.Module):
     def __init__(self, config: Config) -> None:
         super().__init__()
         self.config = config
-        self.tok_embeddings = nn.Embedding(config.vocab_size, config.n_embd)
+        # Given its weight, nn.Embedding skips its own init: reset_parameters below is the one
+        # init, and it leaves a meta-device model alone (normal_ there costs seconds of imports).
+        embedding = torch.empty(config.vocab_size, config.n_embd)
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.n_embd, _weight=embedding)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.norm = RMSNorm(config.n_embd, config.norm_eps)
         self.output = nn.Linear(config.n_embd, config.vocab_size, bias=False)
@@ -91,6 +94,8 @@ class LLaMA(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
 
     def reset_parameters(self) -> None:
+        if self.tok_embeddings.weight.is_meta:
+            return  # no values to set: the weights arrive later, by `load_state_dict(assign=True)`
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, mean=0.0, std=0.02)

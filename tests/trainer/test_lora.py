@@ -1,17 +1,27 @@
-"""LoRA: a zero update is a no-op, merging is exact, and only adapters are saved and trained."""
+"""LoRA: a zero update is a no-op, merging is exact, only adapters are saved and trained, and
+saved adapters load back only into the model they fit."""
+
+import json
 
 import pytest
 import torch
 import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from trainer.lora import (
+    ADAPTER_FILE,
+    AdapterError,
     LoRAConfig,
     LoRALinear,
     apply_lora,
     count_trainable,
+    load_adapters,
     load_lora_state_dict,
     lora_state_dict,
     merge_lora,
+    read_adapters,
+    save_adapters,
 )
 from trainer.model import Config, LLaMA
 
@@ -78,8 +88,11 @@ def test_lora_state_dict_loads_back_and_rejects_other_keys():
     load_lora_state_dict(target, lora_state_dict(source))
     for key, value in lora_state_dict(target).items():
         assert torch.equal(value, lora_state_dict(source)[key])
-    with pytest.raises(KeyError, match="unexpected"):
+    with pytest.raises(AdapterError, match="unexpected x.lora_a"):
         load_lora_state_dict(target, {**lora_state_dict(source), "x.lora_a": torch.zeros(1)})
+    wrong = {**lora_state_dict(source), "layers.1.attention.wv.lora_b": torch.zeros(16, 3)}
+    with pytest.raises(AdapterError, match=r"wrong shape layers.1.attention.wv.lora_b \(16, 3\)"):
+        load_lora_state_dict(target, wrong)
 
 
 def test_scale_and_init():
@@ -98,3 +111,57 @@ def test_config_is_validated(bad):
 def test_config_round_trip():
     config = LoRAConfig(r=16, alpha=32, dropout=0.1, targets=("q", "k", "head"))
     assert LoRAConfig.from_dict(config.to_dict()) == config
+
+
+def test_saved_adapters_load_into_a_fresh_model(tmp_path):
+    lora = LoRAConfig(r=4, alpha=8, targets=("q", "k", "o", "head"))
+    base, source = base_and_lora(lora)
+    randomize_b(source)
+    path = save_adapters(source, lora, tmp_path)
+    assert path == tmp_path / ADAPTER_FILE
+
+    assert load_adapters(base, tmp_path) == lora  # a run's folder works as well as the file
+    idx = torch.randint(0, 50, (2, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(base.eval()(idx), source(idx), atol=0, rtol=0)
+
+
+def test_adapter_file_is_reproducible_with_one_metadata_key(tmp_path):
+    _, source = base_and_lora(LoRAConfig())
+    randomize_b(source)
+    (tmp_path / "a").mkdir()
+    first = save_adapters(source, LoRAConfig(), tmp_path / "a")
+    second = save_adapters(source, LoRAConfig(), tmp_path)
+    assert first.read_bytes() == second.read_bytes()
+    with safe_open(first, framework="pt") as adapters:
+        metadata = adapters.metadata()
+    assert list(metadata) == ["lora_config"]
+    assert json.loads(metadata["lora_config"])["targets"] == ["q", "v"]
+
+
+def test_adapters_that_do_not_fit_leave_the_model_alone(tmp_path):
+    _, source = base_and_lora(LoRAConfig(targets=("q", "mlp")))
+    save_adapters(source, LoRAConfig(targets=("q", "mlp")), tmp_path)
+    other = LLaMA(Config(vocab_size=50, n_layer=1, n_head=4, n_kv_head=2, n_embd=32, intermediate_size=48))
+    with pytest.raises(AdapterError) as err:
+        load_adapters(other, tmp_path / ADAPTER_FILE)
+    message = str(err.value)
+    assert "unexpected layers.1.attention.wq.lora_a" in message
+    assert "wrong shape layers.0.feed_forward.w1.lora_b (64, 8) (model needs (48, 8))" in message
+    assert not any(isinstance(m, LoRALinear) for m in other.modules())
+
+    adapted = apply_lora(LLaMA(CONFIG), LoRAConfig(targets=("q", "mlp")))
+    with pytest.raises(AdapterError, match="applied twice"):
+        load_adapters(adapted, tmp_path / ADAPTER_FILE)
+
+
+def test_unreadable_adapter_files_are_reported(tmp_path):
+    with pytest.raises(AdapterError, match="cannot read"):
+        read_adapters(tmp_path / "missing.safetensors")
+    save_file({"layers.0.attention.wq.lora_a": torch.zeros(2, 2)}, tmp_path / "plain.safetensors")
+    with pytest.raises(AdapterError, match="no lora_config metadata"):
+        read_adapters(tmp_path / "plain.safetensors")
+    meta = {"lora_config": json.dumps({"r": 0, "targets": ["q"]})}
+    save_file({"x": torch.zeros(1)}, tmp_path / "bad.safetensors", metadata=meta)
+    with pytest.raises(AdapterError, match="unusable lora_config"):
+        read_adapters(tmp_path / "bad.safetensors")

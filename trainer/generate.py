@@ -1,0 +1,245 @@
+"""Generate text from a checkpoint, with or without LoRA adapters, streamed as the tokens arrive.
+
+The prompt goes through the same instruction template the model was fine-tuned with, ending where
+the response starts, unless --raw. Decoding uses the KV cache; each next token is drawn after
+temperature, top-k and top-p (nucleus) filtering, or taken greedily at temperature 0, until EOS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trainer.checkpoint import TOKENIZER, load_model
+from trainer.data import TEMPLATES, Record, format_prompt
+from trainer.finetune import resolve_device
+from trainer.lora import load_adapters
+from trainer.model import LLaMA
+from trainer.tokenizer import Tokenizer
+
+
+def prompt_text(prompt: str, template: str | None, input_text: str = "") -> str:
+    """The prompt as is (template None), or the template filled in: the text the model was
+    fine-tuned on, up to where the response starts."""
+    if template is None:
+        return prompt
+    return format_prompt(Record(instruction=prompt, input=input_text, output=""), template)
+
+
+def next_token(
+    logits: torch.Tensor,
+    temperature: float,
+    top_k: int | None,
+    top_p: float,
+    generator: torch.Generator | None,
+) -> int:
+    """One token id from the logits (vocab_size,) of the last position."""
+    if temperature == 0:
+        return int(logits.argmax())
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # Drop a token when the more likely ones already hold top_p of the mass; the first stays.
+        drop_sorted = probs.cumsum(-1) - probs >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = logits.softmax(-1)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+@torch.no_grad()
+def generate(
+    model: LLaMA,
+    prompt_ids: list[int],
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    top_p: float,
+    eos_id: int | None,
+    generator: torch.Generator | None,
+    on_token: Callable[[int], None] | None = None,
+) -> list[int]:
+    """The tokens that follow `prompt_ids`, ending with `eos_id` if the model produced it.
+
+    At most `max_new_tokens`, and fewer when the model's context (`config.max_seq_len`) is full.
+    The prompt is run once to fill the KV cache; then each step feeds only the newest token."""
+    room = model.config.max_seq_len - len(prompt_ids)
+    if not prompt_ids or room < 1:
+        raise ValueError(
+            f"the prompt has {len(prompt_ids)} tokens; it must have between 1 and "
+            f"{model.config.max_seq_len - 1} to leave room for an answer"
+        )
+    steps = min(max_new_tokens, room)
+    device = model.tok_embeddings.weight.device
+    idx = torch.tensor([prompt_ids], device=device)  # (1, T)
+    input_pos = torch.arange(len(prompt_ids), device=device)  # (T,)
+    model.setup_kv_cache(batch_size=1, max_seq_len=len(prompt_ids) + steps)
+    new: list[int] = []
+    try:
+        for _ in range(steps):
+            logits = model(idx, input_pos)[0, -1]  # (vocab_size,)
+            token = next_token(logits, temperature, top_k, top_p, generator)
+            new.append(token)
+            if on_token is not None:
+                on_token(token)
+            if token == eos_id:
+                break
+            idx = torch.tensor([[token]], device=device)  # (1, 1)
+            input_pos = input_pos[-1:] + 1  # (1,)
+    finally:
+        model.clear_kv_cache()
+    return new
+
+
+class StreamDecoder:
+    """Text from tokens as they arrive.
+
+    A character outside the vocabulary comes as several byte tokens, and a partial one decodes to
+    U+FFFD, so the text is held back while it ends in one. The whole sequence is decoded each
+    time: SentencePiece drops the leading space of the first piece only, so the pieces decoded so
+    far are always a prefix of what follows."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.emitted = 0  # characters already returned
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids)
+        return "" if text.endswith("\ufffd") else self._new(text)
+
+    def flush(self) -> str:
+        """Whatever is held back, incomplete bytes included."""
+        return self._new(self.tokenizer.decode(self.ids))
+
+    def _new(self, text: str) -> str:
+        new, self.emitted = text[self.emitted :], len(text)
+        return new
+
+
+def device_arg(name: str) -> torch.device:
+    """argparse type for --device: auto, cpu, cuda or cuda:N, CUDA only where there is one."""
+    try:
+        device = resolve_device(name)
+    except RuntimeError as err:
+        raise argparse.ArgumentTypeError(f"unknown device {name!r}") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{name}: no CUDA device is available")
+    return device
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m trainer.generate", description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", required=True, type=Path, help="base or merged checkpoint folder")
+    parser.add_argument("--lora", type=Path, help="lora.safetensors (or its folder) to apply unmerged")
+    parser.add_argument("--prompt", required=True, help="the instruction, or the whole prompt with --raw")
+    parser.add_argument("--input", default="", help="the record's input field, if any (templates only)")
+    parser.add_argument("--raw", action="store_true", help="feed the prompt as is, after BOS")
+    parser.add_argument(
+        "--template", choices=tuple(TEMPLATES), default="alpaca", help="the one trained with (default alpaca)"
+    )
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default 0.8)")
+    parser.add_argument("--top-k", type=int, default=200, help="keep the k likeliest; 0 is off (default 200)")
+    parser.add_argument("--top-p", type=float, default=0.9, help="nucleus mass kept; 1 is off (default 0.9)")
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="stop after N tokens (default 256)")
+    parser.add_argument("--seed", type=int, default=1337, help="sampling seed (default 1337)")
+    parser.add_argument(
+        "--device", type=device_arg, default="auto", help="auto, cpu, cuda or cuda:N (default auto)"
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON document instead of streaming")
+    return parser
+
+
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1 or args.max_new_tokens < 1:
+        parser.error("need --temperature >= 0, --top-k >= 0, 0 < --top-p <= 1 and --max-new-tokens >= 1")
+    if args.raw and args.input:
+        parser.error("--input fills a template; with --raw put everything in --prompt")
+
+
+def load(checkpoint: Path, lora: Path | None, device: torch.device) -> tuple[LLaMA, Tokenizer]:
+    """The model on `device` in eval mode, with the adapters applied (not merged) when given."""
+    if not (checkpoint / TOKENIZER).is_file():
+        raise FileNotFoundError(f"{checkpoint / TOKENIZER} not found: is {checkpoint} a checkpoint folder?")
+    model, _ = load_model(checkpoint)
+    if lora is not None:
+        load_adapters(model, lora)
+    return model.to(device).eval(), Tokenizer(checkpoint / TOKENIZER)
+
+
+def run(args: argparse.Namespace, model: LLaMA, tokenizer: Tokenizer) -> dict[str, Any]:
+    """Generate for the parsed command line; stream the text to stdout unless --json."""
+    text = prompt_text(args.prompt, None if args.raw else args.template, args.input)
+    ids = tokenizer.encode(text, bos=True)
+    if len(ids) >= model.config.max_seq_len:
+        raise ValueError(f"the prompt has {len(ids)} tokens, the model's context {model.config.max_seq_len}")
+    decoder = StreamDecoder(tokenizer)
+
+    def stream(token: int) -> None:
+        if token != tokenizer.eos_id:
+            sys.stdout.write(decoder.push(token))
+            sys.stdout.flush()
+
+    device = model.tok_embeddings.weight.device
+    start = time.perf_counter()
+    new = generate(
+        model,
+        ids,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k or None,
+        top_p=args.top_p,
+        eos_id=tokenizer.eos_id,
+        generator=torch.Generator(device).manual_seed(args.seed),
+        on_token=None if args.json else stream,
+    )
+    seconds = time.perf_counter() - start
+    if not args.json:
+        print(decoder.flush())
+    return {
+        "prompt": text,
+        "text": tokenizer.decode([t for t in new if t != tokenizer.eos_id]),
+        "token_ids": new,
+        "new_tokens": len(new),
+        "stop_reason": "eos" if new and new[-1] == tokenizer.eos_id else "length",
+        "seconds": round(seconds, 3),
+        "tokens_per_s": round(len(new) / seconds, 2),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_args(parser, args)
+    try:
+        model, tokenizer = load(args.checkpoint, args.lora, args.device)
+        result = run(args, model, tokenizer)
+    except (FileNotFoundError, ValueError) as err:  # AdapterError is a ValueError
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(result, ensure_ascii=False))
+    else:
+        print(
+            f"{result['new_tokens']} tokens in {result['seconds']} s ({result['tokens_per_s']} tokens/s), "
+            f"stopped at {result['stop_reason']}",
+            file=sys.stderr,
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
