@@ -20,7 +20,7 @@ import torch
 from trainer.batching import Batch, Row, collate, loss_on
 from trainer.checkpoint import load_model
 from trainer.data import IGNORE_INDEX, DataError
-from trainer.generate import device_arg
+from trainer.devices import device_arg
 from trainer.lora import load_adapters
 from trainer.model import LLaMA
 

@@ -12,19 +12,17 @@ never stopped, and the same seed always gives the same loss curve.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import math
 import os
 import random
-import resource
 import sys
 import time
 from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 import torch.distributed
@@ -34,6 +32,16 @@ from torch.nn.parallel import DistributedDataParallel
 from trainer.batching import Batch, BatchSampler, Row, collate, draw_global_batch, loss_on, target_count
 from trainer.checkpoint import load_model
 from trainer.data import DataError
+from trainer.devices import (
+    PRECISIONS,
+    DeviceError,
+    Dist,
+    autocast,
+    init_distributed,
+    keep_freed_memory,
+    peak_memory_gib,
+    resolve_precision,
+)
 from trainer.lora import TARGETS, LoRAConfig, apply_lora, count_trainable, load_lora_state_dict, save_adapters
 from trainer.model import LLaMA
 from trainer.train_state import (
@@ -51,13 +59,7 @@ from trainer.train_state import (
     truncate_lines,
 )
 
-PRECISIONS = ("auto", "fp32", "bf16-true", "bf16-mixed")
 METRICS = "metrics.jsonl"
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
-
-
-class TrainError(ValueError):
-    """A run that cannot go ahead as asked on this machine."""
 
 
 @dataclass(frozen=True)
@@ -113,36 +115,6 @@ class TrainConfig:
         return LoRAConfig(self.lora_r, self.lora_alpha, self.lora_dropout, self.lora_targets)
 
 
-class Dist(NamedTuple):
-    """This process's place in a data-parallel run; rank 0 of 1 when not started by torchrun."""
-
-    rank: int
-    world_size: int
-    device: torch.device
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def resolve_precision(name: str, device: torch.device) -> str:
-    """auto: bf16 weights where the GPU computes in bf16 natively (compute capability 8.0 and
-    later), float32 elsewhere. Adapters are float32 always; bf16-mixed keeps float32 weights and
-    runs the forward pass under bf16 autocast."""
-    bf16_gpu = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
-    if name == "auto":
-        return "bf16-true" if bf16_gpu else "fp32"
-    if name.startswith("bf16") and device.type == "cuda" and not bf16_gpu:
-        raise TrainError(f"{torch.cuda.get_device_name(device)} has no native bf16; use --precision fp32")
-    return name
-
-
-def autocast(precision: str, device: torch.device) -> AbstractContextManager:
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
-
-
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Linear warm-up to `cfg.lr`, then cosine decay to a tenth of it at `cfg.max_steps`."""
     if step <= cfg.warmup_steps:
@@ -150,39 +122,6 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     progress = (step - cfg.warmup_steps) / (cfg.max_steps - cfg.warmup_steps)
     min_lr = cfg.lr / 10
     return min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.lr - min_lr)
-
-
-def keep_freed_memory() -> None:
-    """Have glibc keep freed memory for reuse instead of handing it back to the system.
-
-    Every step frees and allocates again the same large activations (the logits alone are
-    tokens x vocabulary x 4 bytes). glibc maps any block over 32 MiB on demand and unmaps it when
-    freed, so each step pays page faults to map and zero them afresh: a quarter of the step time
-    of a small model with LLaMA's vocabulary (bench/trainer_cpu.py). The price is a higher peak
-    RSS where freed blocks do not fit later requests. On GPUs, PyTorch's caching allocator
-    already reuses memory this way."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc
-        return
-    libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)
-    libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
-
-
-def init_distributed(cfg: TrainConfig) -> Dist:
-    """Join the process group torchrun describes in the environment (WORLD_SIZE, RANK, LOCAL_RANK):
-    NCCL between GPUs, one per process, Gloo between CPU processes."""
-    device = resolve_device(cfg.device)
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size == 1:
-        return Dist(0, 1, device)
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Dist(torch.distributed.get_rank(), world_size, device)
 
 
 def held_out_batches(rows: list[Row], cfg: TrainConfig) -> list[Batch]:
@@ -282,14 +221,6 @@ def reduce_step(loss_sum: torch.Tensor, stop: bool, dist: Dist) -> tuple[float, 
     )
     torch.distributed.all_reduce(packed)
     return packed[0].item(), packed[1].item() > 0
-
-
-def peak_memory_gib(device: torch.device) -> float:
-    """Peak GPU memory allocated by tensors on a GPU, peak resident set size on a CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return rss / (2**30 if sys.platform == "darwin" else 2**20)
 
 
 @dataclass
@@ -524,7 +455,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None], resume_from: str | None 
     """Run the fine-tuning job described by `cfg`, or continue it (`resume_from`: "auto" or a
     checkpoint path, as `trainer.train_state.find_checkpoint` takes it); return its summary.
     Under torchrun every process calls this; only rank 0 logs and writes files."""
-    dist = init_distributed(cfg)
+    dist = init_distributed(cfg.device)
     say = log if dist.rank == 0 else lambda _: None
     # Installed first, so that a signal during set-up too ends in a checkpoint and exit 0.
     try:
@@ -610,7 +541,7 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(err)
     try:
         summary = train(cfg, log, resume_from=args.resume)
-    except (DataError, ResumeError, TrainError) as err:
+    except (DataError, ResumeError, DeviceError) as err:
         return _fail(err)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0

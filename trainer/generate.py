@@ -19,7 +19,7 @@ import torch
 
 from trainer.checkpoint import TOKENIZER, load_model
 from trainer.data import TEMPLATES, Record, format_prompt
-from trainer.finetune import resolve_device
+from trainer.devices import device_arg
 from trainer.lora import load_adapters
 from trainer.model import LLaMA
 from trainer.tokenizer import Tokenizer
@@ -128,17 +128,6 @@ class StreamDecoder:
     def _new(self, text: str) -> str:
         new, self.emitted = text[self.emitted :], len(text)
         return new
-
-
-def device_arg(name: str) -> torch.device:
-    """argparse type for --device: auto, cpu, cuda or cuda:N, CUDA only where there is one."""
-    try:
-        device = resolve_device(name)
-    except RuntimeError as err:
-        raise argparse.ArgumentTypeError(f"unknown device {name!r}") from err
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError(f"{name}: no CUDA device is available")
-    return device
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -16,7 +16,8 @@ import trainer
 from tests.trainer.test_resume import tiny_config, write_tiny_inputs
 from trainer.batching import BatchSampler, collate, draw_global_batch, padding_fraction
 from trainer.data import IGNORE_INDEX
-from trainer.finetune import Dist, TrainConfig, build_optimizer, lr_at, main, optimizer_step, setup, train
+from trainer.devices import Dist
+from trainer.finetune import TrainConfig, build_optimizer, lr_at, main, optimizer_step, setup, train
 from trainer.lora import LoRAConfig, apply_lora
 from trainer.model import Config, LLaMA
 
