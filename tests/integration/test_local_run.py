@@ -56,6 +56,13 @@ def test_loss_falls_and_weights_are_lora_only(smoke_run):
     with safe_open(run_dir / "artifacts" / "lora.safetensors", framework="pt") as weights:
         keys = list(weights.keys())
     assert keys and all("lora" in key for key in keys)
+    scores = json.loads((run_dir / "artifacts" / "eval.json").read_text(encoding="utf-8"))
+    assert scores["lora"]["loss"] < scores["base"]["loss"] - 0.5
+    peft_config = json.loads((run_dir / "artifacts" / "adapter_config.json").read_text(encoding="utf-8"))
+    assert peft_config["peft_type"] == "LORA" and sorted(peft_config["target_modules"]) == [
+        "q_proj",
+        "v_proj",
+    ]
 
 
 def test_logs_lock_file_and_image_are_recorded(smoke_run):
