@@ -53,8 +53,9 @@ class Host(Protocol):
     def ensure_image(self, image_id: str) -> None:
         """Make the image available to this host, or raise ProviderFailure."""
 
-    def put_input(self, src: Path, dest: str) -> None:
-        """Place a local file at /data/<dest> (dest already validated as relative and inside)."""
+    def put_input(self, src: Path, dest: str) -> str:
+        """Place a local file at /data/<dest> (dest already validated as relative and inside);
+        return the sha256 of what was placed, so a file changed since planning is caught."""
 
     def put_job_file(self, name: str, content: bytes) -> None:
         """Place a small file at /job/<name> (the spec, its resolved form)."""

@@ -14,8 +14,10 @@ from pathlib import Path
 from infra.base import Capabilities, ContainerRun, OutputSink, Workspace
 from runner.errors import ProviderFailure, RunFailed
 from runner.home import private_dir, runner_home
+from runner.images import docker_client, engine_errors
 
 LABEL = "dev.runner.run-id"
+STOP_GRACE_S = 30
 
 
 class LocalProvider:
@@ -23,7 +25,7 @@ class LocalProvider:
     capabilities = Capabilities(instances=False, power_modes=False)
 
     def open_host(self, run_id: str) -> LocalHost:
-        root = private_dir(runner_home() / "work" / run_id)
+        root = private_dir(private_dir(runner_home() / "work") / run_id)
         workspace = Workspace(data=root / "data", job=root / "job", out=root / "out")
         for folder in (workspace.data, workspace.job, workspace.out):
             folder.mkdir(exist_ok=True)
@@ -32,7 +34,6 @@ class LocalProvider:
 
 class LocalHost:
     def __init__(self, run_id: str, root: Path, workspace: Workspace) -> None:
-        from runner.images import docker_client
 
         self.run_id = run_id
         self.root = root
@@ -43,24 +44,27 @@ class LocalHost:
         from docker.errors import ImageNotFound
 
         try:
-            self._client.images.get(image_id)
+            with engine_errors("checking the image"):
+                self._client.images.get(image_id)
         except ImageNotFound:
             raise ProviderFailure(f"image {image_id} vanished from the local engine") from None
 
-    def put_input(self, src: Path, dest: str) -> None:
+    def put_input(self, src: Path, dest: str) -> str:
+        from runner.files import copy_hashed
+
         target = self.workspace.data / dest
         target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(src, target)
+        digest, _ = copy_hashed(src, target)
+        return digest
 
     def put_job_file(self, name: str, content: bytes) -> None:
         (self.workspace.job / name).write_bytes(content)
 
     def run(self, request: ContainerRun, on_output: OutputSink) -> int:
-        from docker.errors import APIError
         from docker.types import DeviceRequest
 
         devices = [DeviceRequest(count=request.gpus, capabilities=[["gpu"]])] if request.gpus else None
-        try:
+        with engine_errors(f"starting {request.name}"):
             container = self._client.containers.run(
                 request.image_id,
                 command=["sh", "-c", request.script],
@@ -74,17 +78,15 @@ class LocalHost:
                 user=f"{os.getuid()}:{os.getgid()}",
                 labels={LABEL: self.run_id, "dev.runner.step": request.name},
                 device_requests=devices,
+                init=True,  # an init process forwards SIGTERM to the command, so it can checkpoint
                 detach=True,
             )
-        except APIError as exc:
-            raise ProviderFailure(
-                f"cannot start container for {request.name}: {exc.explanation or exc}"
-            ) from None
         try:
-            _stream_lines(container.logs(stream=True, follow=True), on_output)
-            return int(container.wait()["StatusCode"])
+            with engine_errors(f"following {request.name}"):
+                _stream_lines(container.logs(stream=True, follow=True), on_output)
+                return int(container.wait()["StatusCode"])
         finally:
-            container.remove(force=True)
+            _dispose(container, request.name)
 
     def fetch_outputs(self, outputs: tuple[str, ...], dest: Path) -> list[Path]:
         from runner.files import copy_hashed
@@ -106,11 +108,26 @@ class LocalHost:
         return copied
 
     def close(self, *, keep_workspace: bool) -> None:
-        for container in self._client.containers.list(all=True, filters={"label": f"{LABEL}={self.run_id}"}):
-            container.remove(force=True)
+        with engine_errors("removing the run's containers"):
+            left = self._client.containers.list(all=True, filters={"label": f"{LABEL}={self.run_id}"})
+            for container in left:
+                container.remove(force=True)
         self._client.close()
         if not keep_workspace:
             shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _dispose(container, name: str) -> None:
+    """Stop and remove a step's container. On an interrupt its command is still running: it gets
+    SIGTERM first (time to checkpoint), SIGKILL after the grace period."""
+    from docker.errors import NotFound
+
+    try:
+        with engine_errors(f"stopping {name}"):
+            container.stop(timeout=STOP_GRACE_S)
+            container.remove(force=True)
+    except NotFound:
+        pass  # already gone
 
 
 def _regular_files(path: Path, root: Path) -> list[Path]:

@@ -39,11 +39,17 @@ def _errors_handled(command):
             for line in exc.details:
                 click.echo(f"  {line}", err=True)
             sys.exit(exc.exit_code)
-        except (click.exceptions.Exit, click.ClickException, SystemExit, KeyboardInterrupt):
+        except (click.exceptions.Exit, click.ClickException, SystemExit):
             raise
-        except Exception:
+        except KeyboardInterrupt:
+            click.echo("error: interrupted", err=True)
+            sys.exit(130)
+        except Exception as exc:
             traceback.print_exc()
-            click.echo("error: unexpected failure; this is a bug in runner, please report it", err=True)
+            message = f"unexpected failure ({type(exc).__name__}); this is a bug in runner, please report it"
+            if as_json:
+                _emit_json({"error": message, "details": [], "exit_code": 1})
+            click.echo(f"error: {message}", err=True)
             sys.exit(1)
 
     return wrapper

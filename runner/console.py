@@ -27,7 +27,7 @@ class Reporter:
         self._write(f"warning: {text}")
 
     def phase(self, name: str, status: str, detail: str = "") -> None:
-        if not self.quiet:
+        if not self.quiet or status == "failed":
             suffix = f" ({detail})" if detail else ""
             self._write(f"==> {name}: {status}{suffix}")
 

@@ -1,7 +1,7 @@
 """Errors the CLI turns into one-line messages and exit codes.
 
 Domain code raises these; only `runner.cli` formats them. The exit codes are a public
-contract (see docs/cli.md): scripts and CI jobs branch on them.
+contract (README, "Exit codes"): scripts and CI jobs branch on them.
 """
 
 from __future__ import annotations

@@ -3,13 +3,14 @@
 A run is reproducible only if we know exactly which image it used, so every image is
 recorded by its ID (the config digest) and, where a registry knows it, its repo digest.
 The base image named in the Dockerfile's FROM is resolved the same way and written to the
-job's lock file next to the spec, so `git diff` shows when the base moved.
+job's lock file next to the spec: committed with the spec, `git diff` shows when the base moved.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -63,6 +64,21 @@ def docker_client():
     return client
 
 
+@contextmanager
+def engine_errors(doing: str) -> Iterator[None]:
+    """Turn the Docker SDK's and its HTTP layer's errors into one-line provider failures."""
+    from docker.errors import DockerException, ImageNotFound
+    from requests.exceptions import RequestException
+
+    try:
+        yield
+    except ImageNotFound:
+        raise
+    except (DockerException, RequestException) as exc:
+        text = (str(exc).strip() or type(exc).__name__).splitlines()[0]
+        raise ProviderFailure(f"Docker engine failed while {doing}: {text}") from None
+
+
 def resolve_image(loaded: LoadedSpec, log: LogSink) -> ResolvedImage:
     """Build the spec's image or check its pinned reference; return what it resolved to."""
     client = docker_client()
@@ -75,7 +91,7 @@ def resolve_image(loaded: LoadedSpec, log: LogSink) -> ResolvedImage:
     tag = build.tag or f"runner/{loaded.spec.name}:latest"
     image = _build(client, context, dockerfile, dict(build.args), tag, log)
     base_ref = base_image_ref(dockerfile.read_text(encoding="utf-8"), dict(build.args))
-    base = _inspect(client, base_ref) if base_ref else None
+    base = _inspect_base(client, base_ref, log) if base_ref else None
     return ResolvedImage(image=image, base=base, build_args=dict(build.args))
 
 
@@ -83,16 +99,27 @@ def _pinned(client, ref: str) -> ImageInfo:
     from docker.errors import ImageNotFound
 
     try:
-        return _inspect(client, ref)
+        with engine_errors("looking up the pinned image"):
+            return _inspect(client, ref)
     except ImageNotFound:
         pass
     if ref.startswith("sha256:"):
         raise BadInput(f"image {ref} is not in the local engine; build it or `docker load` it, then retry")
-    try:
+    with engine_errors(f"pulling the pinned image {ref}"):
         client.images.pull(ref)
-    except Exception as exc:  # the SDK raises several unrelated types for a failed pull
-        raise ProviderFailure(f"cannot pull pinned image {ref}: {_first_line(exc)}") from None
-    return _inspect(client, ref)
+        return _inspect(client, ref)
+
+
+def _inspect_base(client, ref: str, log: LogSink) -> ImageInfo | None:
+    """The base image as the engine has it after the build, or None when it cannot say
+    (e.g. a FROM line with syntax this reader does not expand)."""
+    from docker.errors import DockerException
+
+    try:
+        return _inspect(client, ref)
+    except DockerException as exc:
+        log(f"base image {ref} not recorded: {_first_line(exc)}")
+        return None
 
 
 def _inspect(client, ref: str) -> ImageInfo:
@@ -108,30 +135,35 @@ def _inspect(client, ref: str) -> ImageInfo:
 def _build(
     client, context: Path, dockerfile: Path, args: dict[str, str], tag: str, log: LogSink
 ) -> ImageInfo:
-    from docker.errors import APIError
+    with engine_errors("building the image"):
+        image_id = _stream_build(client, context, dockerfile, args, tag, log)
+    with engine_errors("inspecting the built image"):
+        return _inspect(client, image_id or tag)
 
+
+def _stream_build(
+    client, context: Path, dockerfile: Path, args: dict[str, str], tag: str, log: LogSink
+) -> str | None:
+    """Run the build, sending its output lines to log; the built image's ID if the engine said."""
     image_id = None
-    try:
-        stream = client.api.build(
-            path=str(context),
-            dockerfile=str(dockerfile),
-            buildargs=args,
-            tag=tag,
-            rm=True,
-            forcerm=True,
-            decode=True,
-        )
-        for chunk in stream:
-            if "error" in chunk:
-                raise RunFailed(f"image build failed: {chunk['error'].strip()}")
-            text = chunk.get("stream", "")
-            for line in text.splitlines():
-                if line.strip():
-                    log(line.rstrip())
-            image_id = chunk.get("aux", {}).get("ID", image_id)
-    except APIError as exc:
-        raise RunFailed(f"image build failed: {_first_line(exc)}") from None
-    return _inspect(client, image_id or tag)
+    stream = client.api.build(
+        path=str(context),
+        dockerfile=str(dockerfile),
+        buildargs=args,
+        tag=tag,
+        rm=True,
+        forcerm=True,
+        decode=True,
+    )
+    for chunk in stream:
+        if "error" in chunk:
+            raise RunFailed(f"image build failed: {chunk['error'].strip()}")
+        text = chunk.get("stream", "")
+        for line in text.splitlines():
+            if line.strip():
+                log(line.rstrip())
+        image_id = chunk.get("aux", {}).get("ID", image_id)
+    return image_id
 
 
 _ARG = re.compile(r"\$(?:\{(\w+)\}|(\w+))")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import shutil
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -22,7 +23,7 @@ from infra.base import ContainerRun, Host, Provider
 from infra.registry import provider_for
 from runner import manifest
 from runner.console import Reporter
-from runner.errors import EXIT_OK, BadInput, RunFailed, RunnerError
+from runner.errors import EXIT_OK, EXIT_RUN_FAILED, BadInput, RunFailed, RunnerError
 from runner.files import sha256_file
 from runner.images import ResolvedImage, resolve_image, write_lock
 from runner.manifest import Artifact, InputRecord
@@ -120,7 +121,7 @@ def submit(spec_path: str | Path, out_root: Path, reporter: Reporter) -> RunResu
 
 
 def _execute(ctx: RunContext) -> RunResult:
-    status, exit_code, error = "succeeded", EXIT_OK, None
+    status, exit_code, error, unexpected = "succeeded", EXIT_OK, None, None
     try:
         for name in PHASES[:-1]:
             _run_phase(ctx, name)
@@ -128,21 +129,28 @@ def _execute(ctx: RunContext) -> RunResult:
         status, exit_code, error = "failed", exc.exit_code, exc.message
     except KeyboardInterrupt as exc:
         status, exit_code, error = "interrupted", EXIT_INTERRUPTED, f"interrupted ({exc or 'SIGINT'})"
-    finally:
+    except Exception as exc:  # a bug or an unforeseen library error: record it, then let the CLI report it
+        status, exit_code, error, unexpected = "failed", EXIT_RUN_FAILED, _internal(exc), exc
+    with _signals_ignored():
         ctx.failed = status != "succeeded"
-        with _signals_ignored():
-            teardown_error = _teardown_safely(ctx)
+        teardown_error = _teardown_safely(ctx)
         if teardown_error and status == "succeeded":
             status, exit_code, error = "failed", teardown_error.exit_code, teardown_error.message
         ctx.close_logs()
-    store = ctx.store
-    store.finish_run(ctx.run.id, status, exit_code, error)
-    store.add_event(ctx.run.id, "run.finished", status=status, exit_code=exit_code, error=error)
-    run = store.get_run(ctx.run.id)
-    phases = store.phases(run.id)
-    manifest.write(ctx, run, phases)
+        store = ctx.store
+        store.finish_run(ctx.run.id, status, exit_code, error)
+        store.add_event(ctx.run.id, "run.finished", status=status, exit_code=exit_code, error=error)
+        run = store.get_run(ctx.run.id)
+        phases = store.phases(run.id)
+        manifest.write(ctx, run, phases)
     ctx.reporter.phase("run", status, error or "")
+    if unexpected is not None:
+        raise unexpected
     return RunResult(run=run, phases=phases, artifacts=ctx.artifacts)
+
+
+def _internal(exc: BaseException) -> str:
+    return f"internal error: {type(exc).__name__}: {exc}"
 
 
 @contextmanager
@@ -178,6 +186,9 @@ def _teardown_safely(ctx: RunContext) -> RunnerError | None:
     except RunnerError as exc:
         ctx.reporter.warn(f"teardown failed: {exc.message}")
         return exc
+    except Exception as exc:  # teardown must report, never abort the bookkeeping that follows
+        ctx.reporter.warn(f"teardown failed: {_internal(exc)}")
+        return RunFailed(_internal(exc))
     return None
 
 
@@ -198,6 +209,9 @@ def _run_phase(ctx: RunContext, name: str) -> None:
         raise
     except KeyboardInterrupt:
         ctx.store.end_phase(ctx.run.id, name, attempt, "interrupted")
+        raise
+    except Exception as exc:
+        ctx.store.end_phase(ctx.run.id, name, attempt, "failed", _internal(exc))
         raise
     ctx.store.end_phase(ctx.run.id, name, attempt, "succeeded")
     ctx.reporter.phase(name, "done", f"{time.monotonic() - started:.1f}s")
@@ -245,7 +259,9 @@ def _stage(ctx: RunContext) -> None:
     resolved = ctx.loaded.spec.model_dump(mode="json")
     ctx.host.put_job_file("spec.json", json.dumps(resolved, indent=2, ensure_ascii=False).encode("utf-8"))
     for item in ctx.inputs:
-        ctx.host.put_input(Path(item.src), item.dest)
+        placed = ctx.host.put_input(Path(item.src), item.dest)
+        if placed != item.sha256:
+            raise BadInput(f"input {item.src} changed since it was hashed (sha256 now {placed}); rerun")
     for index, step in enumerate(ctx.loaded.spec.setup, start=1):
         log_name = f"setup-{index:02d}-{step.name}.log"
         request = ContainerRun(
@@ -274,10 +290,20 @@ def _collect(ctx: RunContext) -> None:
     for file in files:
         digest, size = sha256_file(file)
         ctx.artifacts.append(Artifact(path=str(file.relative_to(ctx.run_dir)), sha256=digest, bytes=size))
-    metrics = artifacts_dir / spec.train.metrics.removeprefix("/out/")
-    if metrics.is_file():
-        (ctx.run_dir / "metrics.jsonl").write_bytes(metrics.read_bytes())
+    _collect_metrics(ctx)
     ctx.store.add_event(ctx.run.id, "artifacts.collected", count=len(files))
+
+
+def _collect_metrics(ctx: RunContext) -> None:
+    """Copy the trainer's metrics to runs/<id>/metrics.jsonl, declared as an output or not."""
+    scratch = ctx.run_dir / ".metrics"
+    try:
+        (fetched,) = ctx.host.fetch_outputs((ctx.loaded.spec.train.metrics,), scratch)
+        fetched.replace(ctx.run_dir / "metrics.jsonl")
+    except RunFailed as exc:
+        ctx.reporter.warn(f"no metrics collected: {exc.message}")
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _teardown(ctx: RunContext) -> None:

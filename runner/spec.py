@@ -46,7 +46,11 @@ def _matching(pattern: str, what: str) -> AfterValidator:
 
 
 Name = Annotated[
-    str, _matching(r"[a-z0-9][a-z0-9._-]{0,62}", "1-63 lowercase letters, digits, '.', '_' or '-'")
+    str,
+    _matching(
+        r"(?=.{1,63}$)[a-z0-9]+([._-][a-z0-9]+)*",
+        "1-63 lowercase letters and digits, single '.', '_' or '-' between them",
+    ),
 ]
 EnvName = Annotated[
     str, _matching(r"[A-Za-z_][A-Za-z0-9_]{0,127}", "an environment variable name ([A-Za-z_][A-Za-z0-9_]*)")
@@ -144,9 +148,7 @@ class InputFile(Strict):
     @field_validator("dest")
     @classmethod
     def _dest_stays_in_data(cls, value: str | None) -> str | None:
-        if value is not None:
-            _relative_inside(value, "/data")
-        return value
+        return None if value is None else _relative_inside(value, "/data")
 
     @property
     def target(self) -> str:
@@ -168,6 +170,13 @@ class TrainSpec(Strict):
     env: dict[EnvName, str] = Field(default_factory=dict)
     metrics: OutPath = f"{OUT_ROOT}/metrics.jsonl"
 
+    @field_validator("metrics")
+    @classmethod
+    def _metrics_is_a_file(cls, value: str) -> str:
+        if value == OUT_ROOT:
+            raise ValueError(f"must name a file under {OUT_ROOT}")
+        return value
+
 
 class Pricing(Strict):
     """What each power mode costs per hour (used for estimates and the ledger)."""
@@ -178,9 +187,19 @@ class Pricing(Strict):
 
 
 class Budget(Strict):
+    """Spending caps. Only the hourly price is checked in this version; a cap that would not be
+    enforced is refused rather than silently trusted."""
+
     max_cost: Money | None = None
     max_gpu_hours: Annotated[float, Field(gt=0, le=10000)] | None = None
     max_hourly_price: Money | None = None
+
+    @field_validator("max_cost", "max_gpu_hours")
+    @classmethod
+    def _not_enforced_yet(cls, value: float | None) -> float | None:
+        if value is not None:
+            raise ValueError("not enforced by this version of runner (no run-time guard yet); remove it")
+        return value
 
 
 class Shutdown(Strict):
@@ -218,6 +237,9 @@ class JobSpec(Strict):
         repeated = sorted({t for t in targets if targets.count(t) > 1})
         if repeated:
             raise ValueError(f"two inputs land on the same path: {', '.join(repeated)}")
+        nested = sorted({t for t in targets for o in targets if o.startswith(t + "/")})
+        if nested:
+            raise ValueError(f"an input lands on a folder another input needs: {', '.join(nested)}")
         return value
 
     @model_validator(mode="after")
@@ -269,9 +291,20 @@ def load_spec(path: str | Path) -> LoadedSpec:
     return LoadedSpec(spec=spec, path=path.resolve(), sha256=hashlib.sha256(raw).hexdigest(), text=text)
 
 
+class _SpecLoader(yaml.SafeLoader):
+    """Safe YAML without anchors and aliases: a spec has no use for them, and aliases allow
+    self-references and exponential expansion."""
+
+    def compose_node(self, parent, index):  # noqa: ANN001, ANN201 (PyYAML's signature)
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            raise yaml.composer.ComposerError(None, None, "anchors and aliases are not allowed", mark)
+        return super().compose_node(parent, index)
+
+
 def _parse_yaml(path: Path, text: str) -> tuple[object, dict[tuple, int]]:
     """Parse YAML, keeping each value's line and refusing duplicated keys."""
-    loader = yaml.SafeLoader(text)
+    loader = _SpecLoader(text)
     try:
         node = loader.get_single_node()
         if node is None:
@@ -340,8 +373,12 @@ def _base_dir(info: ValidationInfo) -> Path:
 
 
 def _relative_inside(value: str, root: str) -> str:
-    if not value or value.startswith("/") or "\\" in value or "\x00" in value:
+    """A normalised relative path naming a file inside root (not root itself)."""
+    if not value or value.startswith("/") or any(c in value for c in "\\\x00\n\r"):
         raise ValueError(f"must be a relative path inside {root}")
     if ".." in value.split("/"):
         raise ValueError(f"must stay inside {root}: '..' is not allowed")
-    return value
+    norm = posixpath.normpath(value)
+    if norm == ".":
+        raise ValueError(f"must name a file inside {root}, not {root} itself")
+    return norm

@@ -68,7 +68,24 @@ def _m001_runs_phases_events(db: sqlite3.Connection) -> None:
     )
 
 
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_m001_runs_phases_events]
+def _m002_host_keys(db: sqlite3.Connection) -> None:
+    """One pinned SSH host key per host and port (trust on first use)."""
+    _execute_all(
+        db,
+        """
+        CREATE TABLE host_keys (
+            host TEXT NOT NULL,
+            port INTEGER NOT NULL,
+            key_type TEXT NOT NULL,
+            fingerprint TEXT NOT NULL,
+            pinned_at REAL NOT NULL,
+            PRIMARY KEY (host, port)
+        );
+        """,
+    )
+
+
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_m001_runs_phases_events, _m002_host_keys]
 
 
 @dataclass(frozen=True)
@@ -109,6 +126,17 @@ class Event:
     ts: float
     kind: str
     data: dict
+
+
+@dataclass(frozen=True)
+class HostKey:
+    """The SSH host key trusted for host:port; fingerprint as OpenSSH prints it (SHA256:...)."""
+
+    host: str
+    port: int
+    key_type: str
+    fingerprint: str
+    pinned_at: float
 
 
 class Store:
@@ -265,6 +293,23 @@ class Store:
             "SELECT run_id, ts, kind, data FROM events WHERE run_id = ? ORDER BY id", (run_id,)
         )
         return [Event(row["run_id"], row["ts"], row["kind"], json.loads(row["data"])) for row in rows]
+
+    # -- host keys --------------------------------------------------------------
+
+    def host_key(self, host: str, port: int) -> HostKey | None:
+        """The key pinned for host:port, or None before the first connection."""
+        row = self._db.execute("SELECT * FROM host_keys WHERE host = ? AND port = ?", (host, port)).fetchone()
+        return HostKey(**dict(row)) if row else None
+
+    def pin_host_key(self, host: str, port: int, key_type: str, fingerprint: str) -> None:
+        """Trust this key for host:port from now on, replacing any key pinned before."""
+        with self._transaction():
+            self._db.execute(
+                "INSERT INTO host_keys (host, port, key_type, fingerprint, pinned_at) VALUES (?, ?, ?, ?, ?)"
+                " ON CONFLICT (host, port) DO UPDATE SET key_type = excluded.key_type,"
+                " fingerprint = excluded.fingerprint, pinned_at = excluded.pinned_at",
+                (host, port, key_type, fingerprint, time.time()),
+            )
 
 
 def _like_prefix(ref: str) -> str:

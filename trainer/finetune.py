@@ -543,6 +543,8 @@ def main(argv: list[str] | None = None) -> int:
         summary = train(cfg, log, resume_from=args.resume)
     except (DataError, ResumeError, DeviceError) as err:
         return _fail(err)
+    except FileNotFoundError as err:
+        return _fail(f"{err.filename}: no such file or folder")
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
     if args.json:

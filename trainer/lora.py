@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -231,12 +234,27 @@ def save_adapters(model: nn.Module, config: LoRAConfig, out_dir: str | Path) -> 
     byte-identical across identical runs."""
     out = Path(out_dir)
     state = lora_state_dict(model)
-    path = out / ADAPTER_FILE
-    save_file(state, path, metadata={"lora_config": json.dumps(config.to_dict())})
     shape = model.config
-    save_file(peft_state_dict(state, shape.n_head, shape.n_kv_head), out / PEFT_WEIGHTS, {"format": "pt"})
-    (out / PEFT_CONFIG).write_text(json.dumps(peft_config(config), indent=2) + "\n")
-    return path
+    # Each file is written under a temporary name and renamed, so a run killed while saving
+    # never leaves a truncated adapter that looks complete.
+    with _replaced(out / ADAPTER_FILE) as tmp:
+        save_file(state, tmp, metadata={"lora_config": json.dumps(config.to_dict())})
+    with _replaced(out / PEFT_WEIGHTS) as tmp:
+        save_file(peft_state_dict(state, shape.n_head, shape.n_kv_head), tmp, {"format": "pt"})
+    with _replaced(out / PEFT_CONFIG) as tmp:
+        tmp.write_text(json.dumps(peft_config(config), indent=2) + "\n")
+    return out / ADAPTER_FILE
+
+
+@contextmanager
+def _replaced(path: Path) -> Iterator[Path]:
+    """A temporary path beside `path` that replaces it once the block has written it."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def peft_state_dict(state: dict[str, torch.Tensor], n_head: int, n_kv_head: int) -> dict[str, torch.Tensor]:

@@ -192,13 +192,18 @@ def test_sigterm_during_training_tears_down_and_records_it(image_id, tmp_path, d
     argv = [sys.executable, "-m", "runner", "submit", str(spec), "--json", "--out", str(tmp_path / "runs")]
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        _wait_for_container(docker_engine, {"dev.runner.step": "train"}, timeout=120)
+        # The first line names the run, so only this run's container is waited for.
+        run_id = proc.stderr.readline().split()[1]
+        _wait_for_container(
+            docker_engine, {"dev.runner.run-id": run_id, "dev.runner.step": "train"}, timeout=120
+        )
         proc.send_signal(signal.SIGTERM)
         stdout, _ = proc.communicate(timeout=120)
     finally:
         proc.kill()
     assert proc.returncode == 130
     payload = json.loads(stdout)
+    assert payload["run_id"] == run_id
     assert payload["status"] == "interrupted" and payload["error"] == "interrupted (SIGTERM)"
     phases = {p["name"]: p["status"] for p in payload["phases"]}
     assert phases["train"] == "interrupted" and phases["teardown"] == "succeeded"

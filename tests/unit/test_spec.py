@@ -156,8 +156,8 @@ def test_hourly_price_over_budget_is_refused(tmp_path):
 
 
 def test_negative_money_is_refused(tmp_path):
-    lines = problems(tmp_path, GOOD.format(digest=DIGEST) + "budget:\n  max_cost: -5\n")
-    assert any(":19: budget.max_cost: Input should be greater than or equal to 0" in p for p in lines)
+    lines = problems(tmp_path, GOOD.format(digest=DIGEST) + "budget:\n  max_hourly_price: -5\n")
+    assert any(":19: budget.max_hourly_price: Input should be greater than or equal to 0" in p for p in lines)
 
 
 def test_duplicate_yaml_keys_are_refused(tmp_path):
@@ -179,3 +179,41 @@ def test_shell_metacharacters_are_data_not_syntax(tmp_path):
     """A step's script is one argv element for `sh -c`; names can never carry shell syntax."""
     text = GOOD.replace("  - name: prep", "  - name: 'prep;rm -rf /'").format(digest=DIGEST)
     assert any("setup.0.name: must be 1-63 lowercase" in p for p in problems(tmp_path, text))
+
+
+def test_yaml_aliases_are_refused(tmp_path):
+    lines = problems(tmp_path, "name: &a [*a]\n")
+    assert lines == [f"{tmp_path / 'job.yaml'}:1: invalid YAML: anchors and aliases are not allowed"]
+
+
+@pytest.mark.parametrize("name", ["smoke-", "a..b", "a_-b", "-a"])
+def test_names_docker_would_reject_are_refused(tmp_path, name):
+    lines = problems(tmp_path, GOOD.replace("name: demo", f"name: '{name}'").format(digest=DIGEST))
+    assert any(":2: name: must be 1-63 lowercase letters and digits" in line for line in lines)
+
+
+@pytest.mark.parametrize(
+    ("dests", "expected"),
+    [
+        (["."], "must name a file inside /data, not /data itself"),
+        (["x", "./x"], "two inputs land on the same path: x"),
+        (["a", "a/b"], "an input lands on a folder another input needs: a"),
+    ],
+)
+def test_input_destinations_are_normalised_before_checks(tmp_path, dests, expected):
+    (tmp_path / "other.json").write_text("{}")
+    items = "".join(
+        f"  - src: {'data' if i == 0 else 'other'}.json\n    dest: '{d}'\n" for i, d in enumerate(dests)
+    )
+    text = GOOD.replace("  - src: data.json\n    dest: in/data.json\n", items).format(digest=DIGEST)
+    assert any(expected in line for line in problems(tmp_path, text))
+
+
+def test_metrics_must_name_a_file(tmp_path):
+    text = GOOD.replace("  gpus: 0", "  gpus: 0\n  metrics: /out").format(digest=DIGEST)
+    assert any("train.metrics: must name a file under /out" in p for p in problems(tmp_path, text))
+
+
+def test_caps_that_would_not_be_enforced_are_refused(tmp_path):
+    lines = problems(tmp_path, GOOD.format(digest=DIGEST) + "budget:\n  max_cost: 5\n  max_gpu_hours: 2\n")
+    assert sum("not enforced by this version" in line for line in lines) == 2
