@@ -9,6 +9,7 @@ the run started may outlive it.
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import shutil
 import signal
@@ -230,7 +231,9 @@ def _skip_reason(ctx: RunContext, name: str) -> str | None:
 
 
 def _plan(ctx: RunContext) -> None:
-    """Hash the inputs and pin the image before anything is staged or paid for."""
+    """Check the secrets, hash the inputs and pin the image before anything is staged or paid for."""
+    spec = ctx.loaded.spec
+    _secret_values(tuple({name for part in (*spec.setup, spec.train) for name in part.secrets}))
     for item in ctx.loaded.spec.inputs:
         path = ctx.loaded.resolve(item.src)
         digest, size = sha256_file(path)
@@ -265,7 +268,10 @@ def _stage(ctx: RunContext) -> None:
     for index, step in enumerate(ctx.loaded.spec.setup, start=1):
         log_name = f"setup-{index:02d}-{step.name}.log"
         request = ContainerRun(
-            name=f"setup:{step.name}", image_id=ctx.image.image.id, script=step.run, env=dict(step.env)
+            name=f"setup:{step.name}",
+            image_id=ctx.image.image.id,
+            script=step.run,
+            env={**step.env, **_secret_values(step.secrets)},
         )
         _run_container(ctx, request, log_name)
 
@@ -277,7 +283,11 @@ def _boot_gpu(ctx: RunContext) -> None:
 def _train(ctx: RunContext) -> None:
     train = ctx.loaded.spec.train
     request = ContainerRun(
-        name="train", image_id=ctx.image.image.id, script=train.run, env=dict(train.env), gpus=train.gpus
+        name="train",
+        image_id=ctx.image.image.id,
+        script=train.run,
+        env={**train.env, **_secret_values(train.secrets)},
+        gpus=train.gpus,
     )
     _run_container(ctx, request, "train.log")
 
@@ -312,6 +322,15 @@ def _teardown(ctx: RunContext) -> None:
     ctx.host.close(keep_workspace=ctx.failed)
     if ctx.failed:
         ctx.reporter.info("the run's work folder was kept for inspection")
+
+
+def _secret_values(names: tuple[str, ...]) -> dict[str, str]:
+    """Values of the named secrets, read from this process's environment at the moment they are
+    needed: the spec names them, nothing records them (not the store, the manifest or /job)."""
+    missing = [name for name in names if name not in os.environ]
+    if missing:
+        raise BadInput(f"secrets not set in the environment: {', '.join(missing)}")
+    return {name: os.environ[name] for name in names}
 
 
 def _run_container(ctx: RunContext, request: ContainerRun, log_name: str) -> None:

@@ -53,20 +53,15 @@ _HASH_SH = (
     'if [ "$2" = all ]; then sha256sum < "$1"; else head -c "$2" < "$1" | sha256sum; fi; '
     'else python3 -c "$3" "$1" "$2"; fi'
 )
-_HASH_PY = """\
-import hashlib, sys
-left = -1 if sys.argv[2] == "all" else int(sys.argv[2])
-digest = hashlib.sha256()
-with open(sys.argv[1], "rb") as f:
-    while left:
-        block = f.read(1 << 20 if left < 0 else min(left, 1 << 20))
-        if not block:
-            break
-        digest.update(block)
-        if left > 0:
-            left -= len(block)
-print(digest.hexdigest())
-"""
+_HASH_PY = (
+    "import hashlib, sys\n"
+    "left = -1 if sys.argv[2] == 'all' else int(sys.argv[2])\n"
+    "digest, f = hashlib.sha256(), open(sys.argv[1], 'rb')\n"
+    "while left and (block := f.read(1 << 20 if left < 0 else min(left, 1 << 20))):\n"
+    "    digest.update(block)\n"
+    "    left -= len(block) if left > 0 else 0\n"
+    "print(digest.hexdigest())\n"
+)
 
 
 @dataclass(frozen=True)
@@ -99,6 +94,8 @@ class RetryPolicy:
 
 
 class CommandResult(NamedTuple):
+    """A finished command; exit_code is -1 when it ended without one (killed by a signal)."""
+
     exit_code: int
     stdout: str
     stderr: str

@@ -162,12 +162,14 @@ class Step(Strict):
     name: Name
     run: Script
     env: dict[EnvName, str] = Field(default_factory=dict)
+    secrets: Annotated[tuple[EnvName, ...], Field(max_length=64)] = ()
 
 
 class TrainSpec(Strict):
     run: Script
     gpus: Annotated[int, Field(ge=0, le=16)] = 1
     env: dict[EnvName, str] = Field(default_factory=dict)
+    secrets: Annotated[tuple[EnvName, ...], Field(max_length=64)] = ()
     metrics: OutPath = f"{OUT_ROOT}/metrics.jsonl"
 
     @field_validator("metrics")

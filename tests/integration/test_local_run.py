@@ -221,3 +221,30 @@ def _wait_for_container(client, labels: dict[str, str], timeout: float) -> None:
             return
         time.sleep(0.2)
     raise AssertionError(f"no running container with {labels} within {timeout} s")
+
+
+def test_secrets_reach_the_container_and_nothing_records_them(image_id, tmp_path):
+    token = "s3cr3t-" + os.urandom(8).hex()
+    spec = quick_job(
+        tmp_path,
+        image_id,
+        train='printf %s "$HF_TOKEN" > /out/seen; cp /job/spec.json /out/',
+        outputs=["/out"],
+        extra="",
+    )
+    spec.write_text(spec.read_text().replace("train: {gpus: 0,", "train: {gpus: 0, secrets: [HF_TOKEN],"))
+    home = tmp_path / "home"
+    env = {**os.environ, "RUNNER_HOME": str(home), "HF_TOKEN": token}
+    argv = [sys.executable, "-m", "runner", "submit", str(spec), "--json", "--out", str(tmp_path / "runs")]
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    run_dir = Path(json.loads(proc.stdout)["run_dir"])
+    assert (run_dir / "artifacts" / "seen").read_text() == token
+    recorded = [run_dir / "manifest.json", run_dir / "artifacts" / "spec.json", *home.rglob("state.db*")]
+    assert all(token.encode() not in path.read_bytes() for path in recorded)
+    assert token not in proc.stdout + proc.stderr
+
+    missing = run_cli(home, "submit", str(spec), "--json", "--out", str(tmp_path / "runs"))
+    assert missing.code == 2
+    assert missing.json["error"] == "secrets not set in the environment: HF_TOKEN"
+    assert [p["name"] for p in missing.json["phases"]] == ["plan", "teardown"]
