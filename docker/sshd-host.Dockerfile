@@ -1,4 +1,4 @@
-# A rented container instance stand-in for tests: sshd, python3 and coreutils, no Docker.
+# A rented container instance stand-in for tests: sshd, python3, coreutils and proot, no Docker.
 # Root logs in with a key only; the user `runner` may log in with a password the test sets.
 # The host key, root's authorized key and the password arrive as environment variables when
 # the container starts, so every container can have its own host key without a rebuild.
@@ -7,7 +7,7 @@ FROM ${BASE}
 
 RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-      openssh-server python3 coreutils procps \
+      openssh-server python3 coreutils procps proot \
  && rm -rf /var/lib/apt/lists/* /etc/ssh/ssh_host_* \
  && mkdir -p /run/sshd /root/.ssh \
  && chmod 700 /root/.ssh \
