@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from infra.base import Provider
 from infra.local import LocalProvider
+from infra.ssh import SshProvider
 
-PROVIDERS: dict[str, type] = {
-    "local": LocalProvider,
+# Each entry builds the provider from the spec's validated `provider` section.
+PROVIDERS: dict[str, Callable[..., Provider]] = {
+    "local": lambda settings: LocalProvider(),
+    "ssh": SshProvider,
 }
 
 
 def provider_for(settings) -> Provider:
     """The provider for a spec's `provider` section (its type was validated by the spec)."""
-    return PROVIDERS[settings.type]()
+    return PROVIDERS[settings.type](settings)

@@ -20,6 +20,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     StringConstraints,
     ValidationError,
     ValidationInfo,
@@ -93,6 +94,61 @@ class LocalProvider(Strict):
     """This machine's Docker engine; no instance, no SSH."""
 
     type: Literal["local"]
+
+
+HostName = Annotated[
+    str, _matching(r"[A-Za-z0-9]([A-Za-z0-9.:-]{0,252}[A-Za-z0-9])?", "a host name or IP address")
+]
+UserName = Annotated[str, _matching(r"[a-z_][a-z0-9_.-]{0,31}", "a user name like root")]
+
+
+def _remote_dir(value: str) -> str:
+    """An absolute remote folder, normalised, without '..' or control characters."""
+    if not value.startswith("/") or ".." in value.split("/") or any(ord(c) < 32 or c == "\\" for c in value):
+        raise ValueError(f"must be an absolute path without '..' or control characters, got {value[:80]!r}")
+    norm = posixpath.normpath(value)
+    if norm == "/":
+        raise ValueError("must not be / itself")
+    return norm
+
+
+class SshProvider(Strict):
+    """A host you already have, reached by SSH; there is no instance to create or power-cycle."""
+
+    type: Literal["ssh"]
+    host: HostName
+    port: Annotated[int, Field(ge=1, le=65535)] = 22
+    user: UserName = "root"
+    key_file: str | None = None
+    password_env: EnvName | None = None
+    data_dir: Annotated[str, AfterValidator(_remote_dir)] = "/root/runner-data"
+    accept_new_host_key: bool = False
+    runtime: Literal["rootfs"] = "rootfs"
+    _key_path: Path | None = PrivateAttr(default=None)  # key_file resolved against the spec's folder
+
+    @field_validator("key_file")
+    @classmethod
+    def _key_file_exists(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and not (_base_dir(info) / value).is_file():
+            raise ValueError(f"key file not found: {_base_dir(info) / value}")
+        return value
+
+    @model_validator(mode="after")
+    def _one_way_to_log_in(self, info: ValidationInfo) -> SshProvider:
+        if (self.key_file is None) == (self.password_env is None):
+            raise ValueError("give exactly one of 'key_file' or 'password_env'")
+        if self.key_file is not None:
+            self._key_path = (_base_dir(info) / self.key_file).resolve()
+        return self
+
+    @property
+    def key_path(self) -> Path | None:
+        """The key file as an absolute path (the spec keeps it as written)."""
+        return self._key_path
+
+
+PROVIDER_TYPES = ("local", "ssh")
+ProviderSettings = Annotated[LocalProvider | SshProvider, Field(discriminator="type")]
 
 
 class ImageBuild(Strict):
@@ -213,7 +269,7 @@ class Shutdown(Strict):
 class JobSpec(Strict):
     version: Literal[1] = SPEC_VERSION
     name: Name
-    provider: LocalProvider
+    provider: ProviderSettings
     image: ImageSpec
     inputs: Annotated[tuple[InputFile, ...], Field(max_length=1000)] = ()
     setup: Annotated[tuple[Step, ...], Field(max_length=64)] = ()
@@ -345,13 +401,19 @@ def _index_lines(path: Path, node: yaml.Node, at: tuple, lines: dict[tuple, int]
 
 def _describe(path: Path, error: dict, lines: dict[tuple, int]) -> str:
     loc = tuple(p for p in error["loc"] if not _is_union_tag(p))
-    field = ".".join(str(p) for p in loc) or "(top level)"
-    line = next((lines[loc[:n]] for n in range(len(loc), -1, -1) if loc[:n] in lines), 1)
+    if loc[:1] == ("provider",) and loc[1:2] and loc[1] in PROVIDER_TYPES:
+        loc = loc[:1] + loc[2:]  # the discriminated union's tag, not a field
     message = error["msg"].removeprefix("Value error, ")
-    if error["type"] == "extra_forbidden":
+    if error["type"] == "union_tag_not_found":
+        loc, message = (*loc, "type"), "required field is missing"
+    elif error["type"] == "union_tag_invalid":
+        loc, message = (*loc, "type"), "Input should be " + " or ".join(f"'{t}'" for t in PROVIDER_TYPES)
+    elif error["type"] == "extra_forbidden":
         message = "unknown field"
     elif error["type"] == "missing":
         message = "required field is missing"
+    field = ".".join(str(p) for p in loc) or "(top level)"
+    line = next((lines[loc[:n]] for n in range(len(loc), -1, -1) if loc[:n] in lines), 1)
     return f"{path}:{line}: {field}: {message}"
 
 

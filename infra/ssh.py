@@ -1,0 +1,288 @@
+"""The SSH provider: a host you already have, reached by SSH; power modes are no-ops.
+
+There is no instance to create or boot, so the pipeline skips those phases; everything else
+goes over one SSH session (runner.remote): the image's layers are synced into the host's layer
+cache and unpacked into a root file system (runner.layers, runner.runtimes), the run's folders
+live under `<data_dir>/runner/runs/<run_id>/`, and each step runs detached under proot. Outputs
+come back only as listed by a manifest the host writes (path, bytes, sha256), each download
+verified against it; links and special files are refused, never followed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import posixpath
+import re
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from infra.base import Capabilities, ContainerRun, OutputSink
+from runner.errors import BadInput, ProviderFailure, RunFailed, RunnerError
+from runner.remote import Endpoint, RemoteHost, check_remote_path
+
+if TYPE_CHECKING:
+    from runner.runtimes import RootfsRuntime
+    from runner.spec import SshProvider as SshSettings
+    from runner.store import Store
+
+log = logging.getLogger(__name__)
+
+STOP_GRACE_S = 30
+STEP_TIMEOUT_S = 14 * 24 * 3600  # a bound for the wait loop, far above any training run
+OUT_ROOT = "/out"
+MANIFEST_NAME = "outputs-manifest.json"
+
+# Lists the declared outputs under the run's out folder ($1) without following any link, writes
+# the listing to $2 (atomically) and prints it. Each further argument is a path relative to $1
+# ("." for all of it). Links, special files and paths below a link are refused, not followed.
+_MANIFEST_PY = """\
+import hashlib, json, os, stat, sys
+root, target, wanted = sys.argv[1], sys.argv[2], sys.argv[3:]
+files, missing, refused, seen = [], [], [], set()
+
+def digest(path):
+    h, fd = hashlib.sha256(), os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    with os.fdopen(fd, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+def visit(rel):
+    path = root if rel == "." else os.path.join(root, rel)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    if stat.S_ISLNK(st.st_mode):
+        refused.append({"path": rel, "why": "is a link"})
+    elif stat.S_ISDIR(st.st_mode):
+        for name in sorted(os.listdir(path)):
+            visit(name if rel == "." else rel + "/" + name)
+    elif not stat.S_ISREG(st.st_mode):
+        refused.append({"path": rel, "why": "is not a regular file or folder"})
+    elif rel not in seen:
+        seen.add(rel)
+        files.append({"path": rel, "bytes": st.st_size, "sha256": digest(path)})
+    return True
+
+def linked_parent(rel):
+    current = root
+    for part in [""] + rel.split("/")[:-1]:
+        current = os.path.join(current, part) if part else current
+        if os.path.islink(current):
+            return True
+    return False
+
+for rel in wanted:
+    if linked_parent(rel):
+        refused.append({"path": rel, "why": "lies below a link"})
+    elif not visit(rel):
+        missing.append(rel)
+text = json.dumps({"files": files, "missing": missing, "refused": refused})
+with open(target + ".tmp", "w") as out:
+    out.write(text)
+os.replace(target + ".tmp", target)
+print(text)
+"""
+# Removes a run folder; files a step made read-only are made writable first.
+_REMOVE_SH = '[ -e "$1" ] || exit 0; chmod -R u+w -- "$1" 2>/dev/null; rm -rf -- "$1"'
+_STEP_CHARS = re.compile(r"[^A-Za-z0-9_.-]+")
+
+
+class SshProvider:
+    type = "ssh"
+    capabilities = Capabilities(instances=False, power_modes=False)
+
+    def __init__(self, settings: SshSettings) -> None:
+        self.settings = settings
+
+    def open_host(self, run_id: str) -> SshHost:
+        """Log in (the password, if any, is read from its variable now) and make the run's folders."""
+        from runner.store import open_store
+
+        settings = self.settings
+        password = None
+        if settings.password_env is not None:
+            password = os.environ.get(settings.password_env)
+            if password is None:
+                raise BadInput(f"the SSH password variable {settings.password_env} is not set")
+        endpoint = Endpoint(settings.host, settings.port, settings.user, settings.key_path, password)
+        store = open_store()
+        try:
+            remote = RemoteHost(endpoint, store, accept_new_host_key=settings.accept_new_host_key)
+            host = SshHost(run_id, remote, store, settings.data_dir)
+            host.make_folders()
+        except BaseException:
+            store.close()
+            raise
+        return host
+
+
+class SshHost:
+    """One run's folders and steps on an SSH host (the rootfs runtime: no Docker needed)."""
+
+    def __init__(self, run_id: str, remote: RemoteHost, store: Store, data_dir: str) -> None:
+        from runner.runtimes import RootfsRuntime
+
+        self.run_id = run_id
+        self.remote = remote
+        self.data_dir = data_dir
+        self.run_dir = check_remote_path(f"{data_dir}/runner/runs/{run_id}")
+        self._store = store
+        self._runtime: RootfsRuntime = RootfsRuntime(remote, data_dir)
+        self._rootfs: str | None = None
+        self._image_config: dict = {}
+        self._steps = 0
+
+    def make_folders(self) -> None:
+        folders = [f"{self.run_dir}/{name}" for name in ("data", "job", "out")]
+        result = self.remote.run(["mkdir", "-p", "-m", "700", "--", *folders], timeout=60)
+        if result.exit_code != 0:
+            raise ProviderFailure(f"cannot create {self.run_dir} on {self._where()}: {result.stderr.strip()}")
+
+    def ensure_image(self, image_id: str) -> None:
+        """Read the image's layers from the local engine, send the ones the host lacks, unpack."""
+        from runner.layers import RemoteLayout, image_layers, sync_layers
+
+        layers = image_layers(image_id)
+        report = sync_layers(self.remote, layers, self.data_dir)
+        self._store.add_event(self.run_id, "image.synced", **report.to_dict())
+        layout = RemoteLayout.at(self.data_dir)
+        self._rootfs = self._runtime.prepare(image_id, [layout.layer(d) for d in layers.diff_ids])
+        self._image_config = json.loads(layers.config)
+
+    def put_input(self, src: Path, dest: str) -> str:
+        return self.remote.put(src, f"{self.run_dir}/data/{dest}").sha256
+
+    def put_job_file(self, name: str, content: bytes) -> None:
+        with tempfile.TemporaryDirectory() as folder:
+            local = Path(folder) / "file"
+            local.write_bytes(content)
+            self.remote.put(local, f"{self.run_dir}/job/{name}")
+
+    def run(self, request: ContainerRun, on_output: OutputSink) -> int:
+        """Start the step detached, stream its log lines until it ends; return its exit code.
+        On an interrupt the step gets SIGTERM and STOP_GRACE_S to checkpoint before SIGKILL."""
+        if self._rootfs is None:
+            raise ProviderFailure(f"no image prepared on {self._where()} before running {request.name}")
+        self._steps += 1
+        step = f"{self._steps:02d}-{_STEP_CHARS.sub('-', request.name)}"[:64]
+        handle = self._runtime.start(
+            self.run_dir, step, request.script, request.env, self._rootfs, self._image_config
+        )
+        lines = _Lines(on_output)
+        try:
+            code = self._runtime.wait(handle, STEP_TIMEOUT_S, lines.feed)
+        except KeyboardInterrupt:
+            lines.flush()
+            try:
+                self._runtime.stop(handle, grace_s=STOP_GRACE_S)
+            except RunnerError as exc:  # the interrupt is what the caller must see
+                log.warning("could not stop %s on %s: %s", step, self._where(), exc.message)
+            raise
+        lines.flush()
+        return code
+
+    def fetch_outputs(self, outputs: tuple[str, ...], dest: Path) -> list[Path]:
+        """List the outputs on the host (manifest with sha256), check every path, download each
+        file and verify it against the manifest."""
+        listing = self._outputs_manifest(outputs)
+        self._store.add_event(self.run_id, "outputs.listed", host=self._where(), **listing)
+        files = _checked_files(listing)
+        if listing["refused"]:
+            first = listing["refused"][0]
+            raise RunFailed(
+                f"output {first['path']} {first['why']}; refusing to follow it"
+                + (f" (and {len(listing['refused']) - 1} more)" if len(listing["refused"]) > 1 else "")
+            )
+        if listing["missing"]:
+            missing = ", ".join(f"{OUT_ROOT}/{rel}".removesuffix("/.") for rel in listing["missing"])
+            raise RunFailed(f"declared outputs were not written: {missing}")
+        fetched: list[Path] = []
+        for entry in files:
+            target = dest / entry["path"]
+            transfer = self.remote.get(f"{self.run_dir}/out/{entry['path']}", target)
+            if transfer.sha256 != entry["sha256"] or transfer.size != entry["bytes"]:
+                target.unlink(missing_ok=True)
+                raise RunFailed(f"output {entry['path']} changed on {self._where()} after it was listed")
+            fetched.append(target)
+        return fetched
+
+    def _outputs_manifest(self, outputs: tuple[str, ...]) -> dict:
+        wanted = [posixpath.relpath(path, OUT_ROOT) for path in outputs]
+        argv = ["python3", "-c", _MANIFEST_PY, f"{self.run_dir}/out", f"{self.run_dir}/{MANIFEST_NAME}"]
+        result = self.remote.run(argv + wanted, timeout=3600)
+        try:
+            listing = json.loads(result.stdout) if result.exit_code == 0 else None
+        except ValueError:
+            listing = None
+        if not isinstance(listing, dict) or not all(
+            isinstance(listing.get(key), list) for key in ("files", "missing", "refused")
+        ):
+            detail = result.stderr.strip()[-500:] or result.stdout[:200]
+            raise ProviderFailure(f"cannot list the outputs on {self._where()}: {detail}")
+        return listing
+
+    def close(self, *, keep_workspace: bool) -> None:
+        try:
+            if not keep_workspace:
+                result = self.remote.run(["sh", "-c", _REMOVE_SH, "sh", self.run_dir], timeout=600)
+                if result.exit_code != 0:
+                    raise ProviderFailure(
+                        f"cannot remove {self.run_dir} on {self._where()}: {result.stderr.strip()}"
+                    )
+        finally:
+            self.remote.close()
+            self._store.close()
+
+    def _where(self) -> str:
+        return self.remote.endpoint.address
+
+
+def _checked_files(listing: dict) -> list[dict]:
+    """The manifest's files, each path checked here too: the host is not trusted to have done so."""
+    seen: set[str] = set()
+    files: list[dict] = []
+    for entry in listing["files"]:
+        path = entry.get("path") if isinstance(entry, dict) else None
+        if not _safe_relative(path) or path in seen:
+            raise RunFailed(f"the host's outputs manifest names a bad or repeated path: {path!r}")
+        digest, size = entry.get("sha256"), entry.get("bytes")
+        if not (isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest)):
+            raise RunFailed(f"the host's outputs manifest has no sha256 for {path!r}")
+        if not isinstance(size, int) or size < 0:
+            raise RunFailed(f"the host's outputs manifest has no size for {path!r}")
+        seen.add(path)
+        files.append(entry)
+    return files
+
+
+def _safe_relative(path: object) -> bool:
+    """A relative path without '..', '.', empty parts or control characters."""
+    if not isinstance(path, str) or not path or path.startswith("/") or "\\" in path:
+        return False
+    if any(ord(char) < 32 or ord(char) == 127 for char in path):
+        return False
+    return all(part not in ("", ".", "..") for part in path.split("/"))
+
+
+class _Lines:
+    """Re-cut a byte stream into text lines (log chunks do not follow line ends)."""
+
+    def __init__(self, sink: OutputSink) -> None:
+        self._sink = sink
+        self._pending = b""
+
+    def feed(self, chunk: bytes) -> None:
+        self._pending += chunk
+        *lines, self._pending = self._pending.split(b"\n")
+        for line in lines:
+            self._sink(line.decode("utf-8", errors="replace").rstrip("\r"))
+
+    def flush(self) -> None:
+        if self._pending:
+            self._sink(self._pending.decode("utf-8", errors="replace"))
+            self._pending = b""

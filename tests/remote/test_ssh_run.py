@@ -1,0 +1,356 @@
+"""Whole `runner submit` runs over SSH on a container test host (sshd + proot, no Docker).
+
+A tiny image (the offline base plus one small layer) is pinned by its ID; the job uses shell
+commands only (the base has no python3). The runs share one RUNNER_HOME, so the second one finds
+the host key pinned and the layers in both caches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from infra.ssh import SshProvider, _checked_files, _Lines
+from runner.errors import BadInput, RunFailed, SpecError
+from runner.spec import load_spec
+from runner.store import Store
+from tests.remote.conftest import BASE_IMAGE, REPO
+
+
+def whole_run(test):
+    """Marks a test that submits a whole job to the test host."""
+    return pytest.mark.integration(pytest.mark.e2e(test))
+
+
+DATA_DIR = "/srv/runner-data"
+RUN_TIMEOUT_S = 300
+DOCKERFILE = f"""FROM {BASE_IMAGE}
+RUN mkdir -p /opt/job && echo "from the image" > /opt/job/banner
+"""
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def image_id() -> str:
+    import docker
+
+    client = docker.from_env()
+    tag = f"runner-test/ssh-run:{os.getpid()}"
+    built, _ = client.images.build(fileobj=io.BytesIO(DOCKERFILE.encode()), tag=tag, rm=True)
+    try:
+        yield built.id
+    finally:
+        client.images.remove(built.id, force=True)
+        client.close()
+
+
+@pytest.fixture(scope="module")
+def ssh_host(start_host):
+    return start_host()
+
+
+@pytest.fixture(scope="module")
+def job_folder(tmp_path_factory, ssh_host) -> Path:
+    """A folder with the login key and an input file; the specs are written next to them."""
+    folder = tmp_path_factory.mktemp("ssh-job")
+    shutil.copy(ssh_host.root_key, folder / "id_ed25519")
+    (folder / "id_ed25519").chmod(0o600)
+    (folder / "records.bin").write_bytes(os.urandom(10_000))
+    return folder
+
+
+def write_spec(folder: Path, port: int, image_id: str, name: str, train: str, outputs: list[str]) -> Path:
+    text = f"""\
+name: {name}
+provider:
+  type: ssh
+  host: 127.0.0.1
+  port: {port}
+  key_file: id_ed25519
+  data_dir: {DATA_DIR}
+image: {{ref: '{image_id}'}}
+inputs:
+  - src: records.bin
+    dest: in/records.bin
+setup:
+  - name: prepare
+    run: "sha256sum /data/in/records.bin | cut -d' ' -f1 > /data/x; echo prepared"
+train:
+  gpus: 0
+  run: {json.dumps(train)}
+outputs: {json.dumps(outputs)}
+"""
+    spec = folder / f"{name}.yaml"
+    spec.write_text(text, encoding="utf-8")
+    return spec
+
+
+def submit(folder: Path, spec: Path, timeout: float = RUN_TIMEOUT_S) -> tuple[int, dict, str]:
+    env = {**os.environ, "RUNNER_HOME": str(folder / "home")}
+    argv = [sys.executable, "-m", "runner", "submit", str(spec), "--json", "--out", str(folder / "runs")]
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout)
+    return proc.returncode, json.loads(proc.stdout), proc.stderr
+
+
+def events(folder: Path, run_id: str, kind: str) -> list[dict]:
+    with Store(folder / "home") as store:
+        return [e.data for e in store.events(run_id) if e.kind == kind]
+
+
+def remote_exists(host, path: str) -> bool:
+    proc = subprocess.run(["docker", "exec", host.container, "test", "-e", path], timeout=60)
+    return proc.returncode == 0
+
+
+GOOD_TRAIN = (
+    "cat /opt/job/banner; mkdir -p /out/sub;"
+    " { cat /data/x; sha256sum /data/in/records.bin | cut -d' ' -f1; } > /out/result;"
+    " echo nested > /out/sub/file; echo trained"
+)
+
+
+@pytest.fixture(scope="module")
+def good_runs(job_folder, ssh_host, image_id):
+    """The same job submitted twice: the second finds the layers on the host."""
+    spec = write_spec(
+        job_folder, ssh_host.port, image_id, "ssh-good", GOOD_TRAIN, ["/out/result", "/out/sub"]
+    )
+    return [submit(job_folder, spec) for _ in range(2)]
+
+
+@whole_run
+def test_whole_run_over_ssh_brings_back_verified_outputs(good_runs, job_folder, ssh_host):
+    code, payload, stderr = good_runs[0]
+    assert code == 0, stderr[-4000:]
+    phases = {p["name"]: p["status"] for p in payload["phases"]}
+    assert list(phases) == ["plan", "provision", "stage", "boot_gpu", "train", "collect", "teardown"]
+    assert phases["provision"] == phases["boot_gpu"] == "skipped"
+    assert {phases[n] for n in ("plan", "stage", "train", "collect", "teardown")} == {"succeeded"}
+
+    run_dir = Path(payload["run_dir"])
+    artifacts = {a["path"]: a["sha256"] for a in payload["artifacts"]}
+    assert set(artifacts) == {"artifacts/result", "artifacts/sub/file"}
+    for path, digest in artifacts.items():
+        assert sha256(run_dir / path) == digest
+    listed, metrics = events(job_folder, payload["run_id"], "outputs.listed")  # outputs, then metrics
+    assert metrics["missing"] == ["metrics.jsonl"]
+    assert {f"artifacts/{f['path']}": f["sha256"] for f in listed["files"]} == artifacts
+    assert listed["refused"] == listed["missing"] == []
+
+    # the input was placed where the setup and train steps could read it, unchanged
+    digest = sha256(job_folder / "records.bin")
+    assert (run_dir / "artifacts" / "result").read_text().split() == [digest, digest]
+    assert (run_dir / "artifacts" / "sub" / "file").read_text() == "nested\n"
+    assert (run_dir / "logs" / "setup-01-prepare.log").read_text() == "prepared\n"
+    assert (run_dir / "logs" / "train.log").read_text() == "from the image\ntrained\n"
+    # a run that succeeded leaves nothing in its folder on the host
+    assert not remote_exists(ssh_host, f"{DATA_DIR}/runner/runs/{payload['run_id']}")
+
+
+@whole_run
+def test_second_run_reuses_the_layers_on_the_host(good_runs, job_folder):
+    (first_code, first, _), (second_code, second, stderr) = good_runs
+    assert first_code == second_code == 0, stderr[-4000:]
+    (sync1,) = events(job_folder, first["run_id"], "image.synced")
+    (sync2,) = events(job_folder, second["run_id"], "image.synced")
+    assert sync1["bytes_sent"] > 0 and sync1["sent"]
+    assert sync2["bytes_sent"] == 0 and sync2["sent"] == []
+    assert sorted(sync2["skipped"]) == sorted(set(sync1["sent"]) | set(sync1["skipped"]))
+    assert [a["sha256"] for a in second["artifacts"]] == [a["sha256"] for a in first["artifacts"]]
+
+
+@whole_run
+def test_failing_train_step_exits_1_with_its_log(job_folder, ssh_host, image_id):
+    spec = write_spec(job_folder, ssh_host.port, image_id, "ssh-fail", "echo boom >&2; exit 7", ["/out"])
+    code, payload, stderr = submit(job_folder, spec)
+    assert code == 1, stderr[-4000:]
+    assert "train exited with code 7" in payload["error"]
+    phases = {p["name"]: p["status"] for p in payload["phases"]}
+    assert phases["train"] == "failed" and phases["teardown"] == "succeeded" and "collect" not in phases
+    assert (Path(payload["run_dir"]) / "logs" / "train.log").read_text() == "boom\n"
+    # a failed run's folder is kept on the host for inspection
+    assert remote_exists(ssh_host, f"{DATA_DIR}/runner/runs/{payload['run_id']}/data/x")
+
+
+@whole_run
+@pytest.mark.parametrize(
+    ("train", "outputs", "expected"),
+    [
+        ("ln -s /etc/passwd /out/leak", ["/out"], "output leak is a link; refusing to follow it"),
+        ("ln -s /etc /out/etc", ["/out/etc/passwd"], "output etc/passwd lies below a link"),
+    ],
+    ids=["link-in-out", "path-below-link"],
+)
+def test_output_link_pointing_out_is_refused(job_folder, ssh_host, image_id, train, outputs, expected):
+    spec = write_spec(job_folder, ssh_host.port, image_id, "ssh-link", train, outputs)
+    code, payload, stderr = submit(job_folder, spec)
+    assert code == 1, stderr[-4000:]
+    assert expected in payload["error"]
+    assert not [p for p in (Path(payload["run_dir"]) / "artifacts").rglob("*") if p.is_file()]
+
+
+@whole_run
+def test_sigterm_during_training_stops_the_step_on_the_host(job_folder, ssh_host, image_id):
+    """Killing the controller stops the remote step (SIGTERM, then SIGKILL) and records it."""
+    spec = write_spec(job_folder, ssh_host.port, image_id, "ssh-stop", "echo started; sleep 300", ["/out"])
+    env = {**os.environ, "RUNNER_HOME": str(job_folder / "home")}
+    argv = [sys.executable, "-m", "runner", "submit", str(spec), "--json", "--out", str(job_folder / "runs")]
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not sleeping(ssh_host):
+            assert proc.poll() is None and time.monotonic() < deadline, "the train step never started"
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, stderr[-4000:]
+    payload = json.loads(stdout)
+    assert payload["status"] == "interrupted"
+    assert not sleeping(ssh_host)
+    step = f"{DATA_DIR}/runner/runs/{payload['run_id']}/steps/02-train/exit_code"
+    assert remote_exists(ssh_host, step)
+
+
+def sleeping(host) -> bool:
+    proc = subprocess.run(["docker", "exec", host.container, "pgrep", "-x", "sleep"], timeout=60)
+    return proc.returncode == 0
+
+
+@whole_run
+def test_smoke_job_over_ssh(job_folder, ssh_host):
+    """The repository's smoke job (trainer image built from this checkout, 1.5 GB) over SSH."""
+    text = (REPO / "jobs" / "smoke.yaml").read_text(encoding="utf-8")
+    provider = f"  type: ssh\n  host: 127.0.0.1\n  port: {ssh_host.port}\n  key_file: id_ed25519\n"
+    text = text.replace("context: ..", f"context: {REPO}").replace("  type: local\n", provider)
+    spec = job_folder / "smoke.yaml"
+    spec.write_text(text.replace("name: smoke", "name: smoke-ssh"), encoding="utf-8")
+    try:
+        code, payload, stderr = submit(job_folder, spec, timeout=600)
+    finally:  # untag the built image (its layers are shared with the local smoke run's)
+        subprocess.run(["docker", "rmi", "runner/smoke-ssh:latest"], capture_output=True, timeout=120)
+    assert code == 0, stderr[-4000:]
+    run_dir = Path(payload["run_dir"])
+    artifacts = {a["path"]: a["sha256"] for a in payload["artifacts"]}
+    assert "artifacts/lora.safetensors" in artifacts and "artifacts/eval.json" in artifacts
+    (listed, _) = events(job_folder, payload["run_id"], "outputs.listed")
+    assert {f"artifacts/{f['path']}": f["sha256"] for f in listed["files"]} == artifacts
+    for path, digest in artifacts.items():
+        assert sha256(run_dir / path) == digest
+    scores = json.loads((run_dir / "artifacts" / "eval.json").read_text(encoding="utf-8"))
+    assert scores["lora"]["loss"] < scores["base"]["loss"]
+    assert (run_dir / "metrics.jsonl").is_file()
+
+
+# -- without a host -------------------------------------------------------------------
+
+SSH_SPEC = """\
+name: demo
+provider:
+  type: ssh
+  host: gpu.example.org
+{login}
+image: {{ref: 'sha256:{digest}'}}
+train: {{run: 'true'}}
+outputs: [/out]
+"""
+
+
+def load(tmp_path: Path, login: str):
+    spec = tmp_path / "job.yaml"
+    spec.write_text(SSH_SPEC.format(login=login, digest="a" * 64), encoding="utf-8")
+    return load_spec(spec)
+
+
+@pytest.mark.unit
+def test_ssh_provider_defaults_and_key_path(tmp_path):
+    (tmp_path / "keys").mkdir()
+    (tmp_path / "keys" / "id").write_text("not read at validation")
+    provider = load(tmp_path, "  key_file: keys/id").spec.provider
+    assert (provider.port, provider.user, provider.data_dir) == (22, "root", "/root/runner-data")
+    assert provider.runtime == "rootfs" and provider.accept_new_host_key is False
+    assert provider.key_path == tmp_path / "keys" / "id"
+    assert "_key_path" not in load(tmp_path, "  key_file: keys/id").spec.model_dump()["provider"]
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("login", "expected"),
+    [
+        ("  user: root", ":3: provider: give exactly one of 'key_file' or 'password_env'"),
+        ("  key_file: id\n  password_env: PW", ":3: provider: give exactly one of"),
+        ("  key_file: missing", ":5: provider.key_file: key file not found"),
+        ("  password_env: 'A B'", ":5: provider.password_env: must be an environment variable name"),
+        ("  password_env: PW\n  data_dir: relative", ":6: provider.data_dir: must be an absolute path"),
+        ("  password_env: PW\n  port: 70000", ":6: provider.port: Input should be less than or equal"),
+        ("  password_env: PW\n  runtime: docker", ":6: provider.runtime: Input should be 'rootfs'"),
+        ("  password_env: PW\n  colour: blue", ":6: provider.colour: unknown field"),
+    ],
+)
+def test_ssh_provider_problems_name_the_field(tmp_path, login, expected):
+    (tmp_path / "id").write_text("key")
+    with pytest.raises(SpecError) as caught:
+        load(tmp_path, login)
+    assert any(expected in line for line in caught.value.details), caught.value.details
+
+
+@pytest.mark.unit
+def test_unknown_provider_type_lists_the_known_ones(tmp_path):
+    spec = tmp_path / "job.yaml"
+    spec.write_text(SSH_SPEC.format(login="", digest="a" * 64).replace("type: ssh", "type: gcp"))
+    with pytest.raises(SpecError) as caught:
+        load_spec(spec)
+    assert caught.value.details == [f"{spec}:3: provider.type: Input should be 'local' or 'ssh'"]
+
+
+@pytest.mark.unit
+def test_missing_password_variable_is_bad_input(tmp_path, monkeypatch):
+    monkeypatch.delenv("RUNNER_TEST_NO_SUCH_PW", raising=False)
+    settings = load(tmp_path, "  password_env: RUNNER_TEST_NO_SUCH_PW").spec.provider
+    with pytest.raises(BadInput, match="RUNNER_TEST_NO_SUCH_PW is not set"):
+        SshProvider(settings).open_host("demo-run")
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("path", ["../x", "/etc/passwd", "a/../../b", "a//b", "./a", "", "a\nb", None])
+def test_outputs_manifest_paths_are_checked_here(path):
+    entry = {"path": path, "bytes": 1, "sha256": "0" * 64}
+    with pytest.raises(RunFailed, match="bad or repeated path"):
+        _checked_files({"files": [entry]})
+
+
+@pytest.mark.unit
+def test_outputs_manifest_refuses_repeats_and_bad_hashes():
+    entry = {"path": "a/b", "bytes": 1, "sha256": "0" * 64}
+    assert _checked_files({"files": [entry]}) == [entry]
+    with pytest.raises(RunFailed, match="repeated"):
+        _checked_files({"files": [entry, dict(entry)]})
+    with pytest.raises(RunFailed, match="no sha256"):
+        _checked_files({"files": [{**entry, "sha256": "xyz"}]})
+    with pytest.raises(RunFailed, match="no size"):
+        _checked_files({"files": [{**entry, "bytes": -1}]})
+
+
+@pytest.mark.unit
+def test_log_chunks_are_cut_into_lines():
+    seen: list[str] = []
+    lines = _Lines(seen.append)
+    for chunk in (b"one\ntw", b"o\r\n", "thr\u00e9e".encode()[:4], "thr\u00e9e".encode()[4:]):
+        lines.feed(chunk)
+    lines.flush()
+    assert seen == ["one", "two", "thr\u00e9e"]
