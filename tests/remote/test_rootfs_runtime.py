@@ -219,13 +219,18 @@ def test_preparing_the_same_image_again_reuses_the_rootfs(runtime, prepared, ima
     on_host(test_host, "rm", f"{rootfs}/kept-if-reused")
 
 
+def one_member_tar(path: Path, name: str, data: bytes) -> Path:
+    """A layer tar holding one regular file."""
+    with tarfile.open(path, "w") as tar:
+        member = tarfile.TarInfo(name)
+        member.size = len(data)
+        tar.addfile(member, io.BytesIO(data))
+    return path
+
+
 @integration
 def test_a_refused_layer_leaves_no_rootfs(runtime, tmp_path, test_host):
-    evil = tmp_path / "evil.tar"
-    with tarfile.open(evil, "w") as tar:
-        member = tarfile.TarInfo("../escape")
-        member.size = 2
-        tar.addfile(member, io.BytesIO(b"x\n"))
+    evil = one_member_tar(tmp_path / "evil.tar", "../escape", b"x\n")
     runtime.host.put(evil, f"{DATA_DIR}/layers/evil.tar")
     image_id = "sha256:" + "e" * 64
     with pytest.raises(BadInput, match="escapes"):
@@ -236,11 +241,7 @@ def test_a_refused_layer_leaves_no_rootfs(runtime, tmp_path, test_host):
 
 @integration
 def test_an_unfinished_rootfs_is_replaced(runtime, tmp_path, test_host):
-    small = tmp_path / "small.tar"
-    with tarfile.open(small, "w") as tar:
-        member = tarfile.TarInfo("etc/hello")
-        member.size = 3
-        tar.addfile(member, io.BytesIO(b"hi\n"))
+    small = one_member_tar(tmp_path / "small.tar", "etc/hello", b"hi\n")
     runtime.host.put(small, f"{DATA_DIR}/layers/small.tar")
     root = f"{DATA_DIR}/runner/rootfs/{'a' * 64}"
     on_host(test_host, "mkdir", "-p", f"{root}/half-written", f"{root}.tmp-dead/also")
