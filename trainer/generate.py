@@ -8,7 +8,6 @@ temperature, top-k and top-p (nucleus) filtering, or taken greedily at temperatu
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections.abc import Callable
@@ -22,6 +21,7 @@ from trainer.data import TEMPLATES, Record, format_prompt
 from trainer.devices import device_arg
 from trainer.lora import load_adapters
 from trainer.model import LLaMA
+from trainer.report import report
 from trainer.tokenizer import Tokenizer
 
 
@@ -219,15 +219,14 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as err:  # AdapterError is a ValueError
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if args.json:
-        print(json.dumps(result, ensure_ascii=False))
-    else:
-        print(
+    return report(
+        result,
+        args.json,
+        (
             f"{result['new_tokens']} tokens in {result['seconds']} s ({result['tokens_per_s']} tokens/s), "
-            f"stopped at {result['stop_reason']}",
-            file=sys.stderr,
-        )
-    return 0
+            f"stopped at {result['stop_reason']}"
+        ),
+    )
 
 
 if __name__ == "__main__":

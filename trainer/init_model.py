@@ -7,7 +7,6 @@ smoke jobs and tests. The vocabulary size comes from the tokenizer, which is cop
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ import torch
 
 from trainer.checkpoint import TOKENIZER, save_model
 from trainer.model import PRESETS, Config, LLaMA
+from trainer.report import report
 from trainer.tokenizer import Tokenizer
 
 
@@ -43,14 +43,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     summary = init_model(args.config, args.tokenizer, args.out, args.seed)
-    if args.json:
-        print(json.dumps(summary))
-    else:
-        print(
-            f"wrote a random {args.config} model ({summary['parameters']:,} parameters) to {args.out}",
-            file=sys.stderr,
-        )
-    return 0
+    return report(
+        summary,
+        args.json,
+        f"wrote a random {args.config} model ({summary['parameters']:,} parameters) to {args.out}",
+    )
 
 
 if __name__ == "__main__":

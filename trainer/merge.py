@@ -9,7 +9,6 @@ checkpoint.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import tempfile
@@ -19,6 +18,7 @@ from typing import Any
 
 from trainer.checkpoint import TOKENIZER, load_model, save_model
 from trainer.lora import load_adapters, lora_state_dict, merge_lora
+from trainer.report import report
 
 
 def merge(checkpoint: Path, lora: Path, out: Path) -> dict[str, Any]:
@@ -68,14 +68,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     summary["seconds"] = round(time.perf_counter() - start, 3)
-    if args.json:
-        print(json.dumps(summary))
-    else:
-        print(
-            f"merged {summary['merged_modules']} adapted layers into {args.out} in {summary['seconds']} s",
-            file=sys.stderr,
-        )
-    return 0
+    return report(
+        summary,
+        args.json,
+        f"merged {summary['merged_modules']} adapted layers into {args.out} in {summary['seconds']} s",
+    )
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from trainer.data import (
     tokenize,
     validate_records,
 )
+from trainer.report import report
 from trainer.tokenizer import Tokenizer
 
 
@@ -139,16 +140,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print_histogram(manifest["length_histogram"], cfg.max_seq_length)
-    if args.json:
-        print(json.dumps(manifest))
-    else:
-        print(
+    return report(
+        manifest,
+        args.json,
+        (
             f"{manifest['records']} records: {manifest['bad']} bad, {manifest['truncated']} "
             f"truncated, {manifest['dropped']} dropped; {manifest['train']} train, "
-            f"{manifest['test']} test in {time.perf_counter() - start:.1f} s -> {cfg.out}",
-            file=sys.stderr,
-        )
-    return 0
+            f"{manifest['test']} test in {time.perf_counter() - start:.1f} s -> {cfg.out}"
+        ),
+    )
 
 
 if __name__ == "__main__":

@@ -13,6 +13,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from trainer.report import report
+
 CAPITALS = {
     "浙江省": "杭州",
     "江苏省": "南京",
@@ -127,11 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.write_text(json.dumps(records, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
     with_input = sum(1 for r in records if r["input"])
     summary = {"out": str(args.out), "records": len(records), "with_input": with_input}
-    if args.json:
-        print(json.dumps(summary))
-    else:
-        print(f"wrote {len(records)} records ({with_input} with input) to {args.out}", file=sys.stderr)
-    return 0
+    return report(summary, args.json, f"wrote {len(records)} records ({with_input} with input) to {args.out}")
 
 
 if __name__ == "__main__":

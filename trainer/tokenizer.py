@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import sys
 import time
 from collections.abc import Iterator
@@ -24,6 +23,7 @@ from trainer.data import (
     load_records,
     validate_records,
 )
+from trainer.report import report
 
 
 class Tokenizer:
@@ -136,15 +136,14 @@ def main(argv: list[str] | None = None) -> int:
         "bad_records": len(bad),
         "seconds": round(time.perf_counter() - start, 3),
     }
-    if args.json:
-        print(json.dumps(summary))
-    else:
-        print(
+    return report(
+        summary,
+        args.json,
+        (
             f"trained a {summary['vocab_size']}-piece {args.model_type} tokenizer on "
-            f"{len(records)} records in {summary['seconds']} s: {args.out}",
-            file=sys.stderr,
-        )
-    return 0
+            f"{len(records)} records in {summary['seconds']} s: {args.out}"
+        ),
+    )
 
 
 if __name__ == "__main__":
