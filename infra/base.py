@@ -39,6 +39,15 @@ class ContainerRun:
 
 
 @dataclass(frozen=True)
+class FetchedFile:
+    """A file brought back from /out, with the sha256 and size measured while it was written."""
+
+    path: Path
+    sha256: str
+    bytes: int
+
+
+@dataclass(frozen=True)
 class Workspace:
     """The run's folders as the Host sees them: mounted at /data, /job and /out."""
 
@@ -63,8 +72,9 @@ class Host(Protocol):
     def run(self, request: ContainerRun, on_output: OutputSink) -> int:
         """Run the command to completion, streaming its output lines; return its exit code."""
 
-    def fetch_outputs(self, outputs: tuple[str, ...], dest: Path) -> list[Path]:
-        """Copy the given /out paths (files or folders) under dest; return the local files.
+    def fetch_outputs(self, outputs: tuple[str, ...], dest: Path) -> list[FetchedFile]:
+        """Copy the given /out paths (files or folders) under dest; return the local files with
+        the sha256 of what was written (so nobody has to read them again).
 
         Raises RunFailed when a declared output is missing, and refuses anything that is
         not a regular file inside /out (symlinks, devices)."""

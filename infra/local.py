@@ -11,7 +11,7 @@ import os
 import shutil
 from pathlib import Path
 
-from infra.base import Capabilities, ContainerRun, OutputSink, Workspace
+from infra.base import Capabilities, ContainerRun, FetchedFile, OutputSink, Workspace
 from runner.errors import ProviderFailure, RunFailed
 from runner.home import private_dir, runner_home
 from runner.images import docker_client, engine_errors
@@ -88,11 +88,11 @@ class LocalHost:
         finally:
             _dispose(container, request.name)
 
-    def fetch_outputs(self, outputs: tuple[str, ...], dest: Path) -> list[Path]:
+    def fetch_outputs(self, outputs: tuple[str, ...], dest: Path) -> list[FetchedFile]:
         from runner.files import copy_hashed
 
         out_root = self.workspace.out.resolve()
-        copied: list[Path] = []
+        copied: list[FetchedFile] = []
         missing: list[str] = []
         for output in outputs:
             source = out_root / output.removeprefix("/out").lstrip("/")
@@ -101,8 +101,7 @@ class LocalHost:
                 continue
             for file in _regular_files(source, out_root):
                 target = dest / file.relative_to(out_root)
-                copy_hashed(file, target)
-                copied.append(target)
+                copied.append(FetchedFile(target, *copy_hashed(file, target)))
         if missing:
             raise RunFailed(f"declared outputs were not written: {', '.join(missing)}")
         return copied

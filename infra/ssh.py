@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from infra.base import Capabilities, ContainerRun, OutputSink
+from infra.base import Capabilities, ContainerRun, FetchedFile, OutputSink
 from runner.errors import BadInput, ProviderFailure, RunFailed, RunnerError
 from runner.remote import Endpoint, RemoteHost, check_remote_path
 
@@ -186,7 +186,7 @@ class SshHost:
         lines.flush()
         return code
 
-    def fetch_outputs(self, outputs: tuple[str, ...], dest: Path) -> list[Path]:
+    def fetch_outputs(self, outputs: tuple[str, ...], dest: Path) -> list[FetchedFile]:
         """List the outputs on the host (manifest with sha256), check every path, download each
         file and verify it against the manifest."""
         listing = self._outputs_manifest(outputs)
@@ -201,14 +201,14 @@ class SshHost:
         if listing["missing"]:
             missing = ", ".join(f"{OUT_ROOT}/{rel}".removesuffix("/.") for rel in listing["missing"])
             raise RunFailed(f"declared outputs were not written: {missing}")
-        fetched: list[Path] = []
+        fetched: list[FetchedFile] = []
         for entry in files:
             target = dest / entry["path"]
             transfer = self.remote.get(f"{self.run_dir}/out/{entry['path']}", target)
             if transfer.sha256 != entry["sha256"] or transfer.size != entry["bytes"]:
                 target.unlink(missing_ok=True)
                 raise RunFailed(f"output {entry['path']} changed on {self._where()} after it was listed")
-            fetched.append(target)
+            fetched.append(FetchedFile(target, transfer.sha256, transfer.size))
         return fetched
 
     def _outputs_manifest(self, outputs: tuple[str, ...]) -> dict:

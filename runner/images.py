@@ -75,8 +75,7 @@ def engine_errors(doing: str) -> Iterator[None]:
     except ImageNotFound:
         raise
     except (DockerException, RequestException) as exc:
-        text = (str(exc).strip() or type(exc).__name__).splitlines()[0]
-        raise ProviderFailure(f"Docker engine failed while {doing}: {text}") from None
+        raise ProviderFailure(f"Docker engine failed while {doing}: {_first_line(exc)}") from None
 
 
 def resolve_image(loaded: LoadedSpec, log: LogSink) -> ResolvedImage:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
 import secrets
 import shutil
 import signal
@@ -298,18 +299,24 @@ def _collect(ctx: RunContext) -> None:
     artifacts_dir = ctx.run_dir / "artifacts"
     files = ctx.host.fetch_outputs(spec.outputs, artifacts_dir)
     for file in files:
-        digest, size = sha256_file(file)
-        ctx.artifacts.append(Artifact(path=str(file.relative_to(ctx.run_dir)), sha256=digest, bytes=size))
-    _collect_metrics(ctx)
+        ctx.artifacts.append(
+            Artifact(path=str(file.path.relative_to(ctx.run_dir)), sha256=file.sha256, bytes=file.bytes)
+        )
+    _collect_metrics(ctx, artifacts_dir)
     ctx.store.add_event(ctx.run.id, "artifacts.collected", count=len(files))
 
 
-def _collect_metrics(ctx: RunContext) -> None:
-    """Copy the trainer's metrics to runs/<id>/metrics.jsonl, declared as an output or not."""
+def _collect_metrics(ctx: RunContext, artifacts_dir: Path) -> None:
+    """Copy the trainer's metrics to runs/<id>/metrics.jsonl, declared as an output or not
+    (fetched from the host only when collect did not already bring it)."""
+    collected = artifacts_dir / posixpath.relpath(ctx.loaded.spec.train.metrics, "/out")
+    if collected.is_file():
+        shutil.copyfile(collected, ctx.run_dir / "metrics.jsonl")
+        return
     scratch = ctx.run_dir / ".metrics"
     try:
         (fetched,) = ctx.host.fetch_outputs((ctx.loaded.spec.train.metrics,), scratch)
-        fetched.replace(ctx.run_dir / "metrics.jsonl")
+        fetched.path.replace(ctx.run_dir / "metrics.jsonl")
     except RunFailed as exc:
         ctx.reporter.warn(f"no metrics collected: {exc.message}")
     finally:

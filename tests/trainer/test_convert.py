@@ -10,6 +10,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from tests.trainer.conftest import tiny_config
 from trainer import convert as convert_module
 from trainer.checkpoint import INDEX, WEIGHTS, load_model, save_model
 from trainer.convert import convert, main, meta_intermediate_size, parse_size
@@ -32,17 +33,7 @@ ROW_PARALLEL = ("attention.wo", "feed_forward.w2", "tok_embeddings")
 
 
 def tiny_model(vocab_size: int) -> LLaMA:
-    config = Config(
-        vocab_size=vocab_size,
-        n_layer=2,
-        n_head=4,
-        n_kv_head=2,
-        n_embd=32,
-        intermediate_size=64,
-        norm_eps=1e-5,
-        rope_base=500000.0,
-        max_seq_len=64,
-    )
+    config = tiny_config(vocab_size, norm_eps=1e-5, rope_base=500000.0, max_seq_len=64)
     torch.manual_seed(0)
     model = LLaMA(config)
     with torch.no_grad():

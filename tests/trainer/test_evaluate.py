@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.trainer.conftest import tiny_config
 from trainer.batching import collate, loss_on
 from trainer.checkpoint import TOKENIZER, load_model, save_model
 from trainer.data import IGNORE_INDEX
@@ -28,15 +29,7 @@ def workspace(records_file, tokenizer, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("evaluate")
     prepare(PrepareConfig(records_file, tokenizer.path, root / "data", max_seq_length=128, test_size=20))
     torch.manual_seed(0)
-    config = Config(
-        vocab_size=tokenizer.vocab_size,
-        n_layer=2,
-        n_head=4,
-        n_kv_head=2,
-        n_embd=32,
-        intermediate_size=64,
-        max_seq_len=128,
-    )
+    config = tiny_config(tokenizer.vocab_size, max_seq_len=128)
     save_model(LLaMA(config), root / "base")
     shutil.copyfile(tokenizer.path, root / "base" / TOKENIZER)
     return root

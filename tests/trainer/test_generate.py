@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from tests.trainer.conftest import tiny_config as shared_tiny_config
 from trainer.checkpoint import TOKENIZER, save_model
 from trainer.data import Record, format_prompt, tokenize
 from trainer.generate import StreamDecoder, generate, main, next_token, prompt_text
@@ -20,15 +21,7 @@ PROMPT = "浙江省的省会是哪里？"
 
 
 def tiny_config(vocab_size: int) -> Config:
-    return Config(
-        vocab_size=vocab_size,
-        n_layer=2,
-        n_head=4,
-        n_kv_head=2,
-        n_embd=32,
-        intermediate_size=64,
-        max_seq_len=96,
-    )
+    return shared_tiny_config(vocab_size, max_seq_len=96)
 
 
 @pytest.fixture(scope="module")

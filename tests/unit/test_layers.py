@@ -52,13 +52,7 @@ def digest(data: bytes) -> str:
 
 def layer_tar(**files: bytes) -> bytes:
     """A small, valid layer tar holding the given files."""
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as archive:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            archive.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()
+    return save_archive(files)
 
 
 def fake_image(layers: list[bytes]) -> tuple[bytes, str, list[str]]:
@@ -68,7 +62,8 @@ def fake_image(layers: list[bytes]) -> tuple[bytes, str, list[str]]:
 
 
 def save_archive(files: dict[str, bytes], links: dict[str, str] | None = None) -> bytes:
-    """A `docker save`-like archive with manifest.json written last, as the engine streams it."""
+    """A tar of the given files then links, in order: a layer, or a `docker save`-like archive
+    when manifest.json is given last, as the engine streams it."""
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w") as archive:
         for name, data in files.items():
