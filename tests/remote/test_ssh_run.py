@@ -248,7 +248,8 @@ def test_smoke_job_over_ssh(job_folder, ssh_host):
     run_dir = Path(payload["run_dir"])
     artifacts = {a["path"]: a["sha256"] for a in payload["artifacts"]}
     assert "artifacts/lora.safetensors" in artifacts and "artifacts/eval.json" in artifacts
-    (listed, _) = events(job_folder, payload["run_id"], "outputs.listed")
+    # one listing: metrics.jsonl came back with the outputs, so it is not fetched a second time
+    (listed,) = events(job_folder, payload["run_id"], "outputs.listed")
     assert {f"artifacts/{f['path']}": f["sha256"] for f in listed["files"]} == artifacts
     for path, digest in artifacts.items():
         assert sha256(run_dir / path) == digest
