@@ -2,8 +2,10 @@
 
 Standalone: standard library only, Python >= 3.8. The controller ships it to the host and runs
 ``python3 run_detached.py STEP_DIR``. The command and its environment come from
-``STEP_DIR/command.json`` (``{"argv": [...], "env": {...}}``), written by the controller, so no
-value ever passes through a shell and no secret shows up in ``ps``.
+``STEP_DIR/command.json`` (``{"argv": [...], "env": {...}, "inherit": [...]}``), written by the
+controller, so no value ever passes through a shell and no secret shows up in ``ps``. The
+command gets exactly ``env``, plus this host's own values of the names in ``inherit`` (such as
+``PATH`` or ``DOCKER_HOST`` for a docker client).
 
 A supervisor process, in a session of its own, starts the command in a further session (so a
 signal sent to the command's process group never reaches the supervisor), and writes:
@@ -66,7 +68,8 @@ def detach(step_dir: str, spec: dict) -> None:
         os.dup2(null, fd)
     write_atomic(os.path.join(step_dir, "supervisor.pid"), f"{os.getpid()}\n")
     try:
-        supervise(step_dir, spec["argv"], spec["env"])
+        inherited = {name: os.environ[name] for name in spec.get("inherit", []) if name in os.environ}
+        supervise(step_dir, spec["argv"], {**inherited, **spec["env"]})
     finally:
         os._exit(0)
 

@@ -22,10 +22,10 @@ from runner.runtimes import (
     GUEST_NVIDIA_LIBS,
     GpuBinds,
     RootfsRuntime,
-    StepState,
     gpu_binds,
     guest_env,
 )
+from runner.steps import StepState
 from runner.store import Store
 from tests.remote.conftest import BASE_IMAGE
 
