@@ -2,8 +2,10 @@
 
 There is no instance to create or boot, so the pipeline skips those phases; everything else
 goes over one SSH session (runner.remote): the image's layers are synced into the host's layer
-cache and unpacked into a root file system (runner.layers, runner.runtimes), the run's folders
-live under `<data_dir>/runner/runs/<run_id>/`, and each step runs detached under proot. Outputs
+cache, then loaded into the host's Docker engine or unpacked into a root file system for proot
+(the runtime: `docker`, `rootfs`, or `auto` for docker when the login can use an engine; see
+runner.runtimes), the run's folders live under `<data_dir>/runner/runs/<run_id>/`, and each
+step runs detached from the SSH session (runner.steps). Outputs
 come back only as listed by a manifest the host writes (path, bytes, sha256), each download
 verified against it; links and special files are refused, never followed.
 """
@@ -24,7 +26,7 @@ from runner.errors import BadInput, ProviderFailure, RunFailed, RunnerError
 from runner.remote import Endpoint, RemoteHost, check_remote_path
 
 if TYPE_CHECKING:
-    from runner.runtimes import RootfsRuntime
+    from runner.runtimes import Runtime
     from runner.spec import SshProvider as SshSettings
     from runner.store import Store
 
@@ -101,6 +103,7 @@ class SshProvider:
 
     def open_host(self, run_id: str) -> SshHost:
         """Log in (the password, if any, is read from its variable now) and make the run's folders."""
+        from runner.runtimes import open_runtime
         from runner.store import open_store
 
         settings = self.settings
@@ -113,7 +116,8 @@ class SshProvider:
         store = open_store()
         try:
             remote = RemoteHost(endpoint, store, accept_new_host_key=settings.accept_new_host_key)
-            host = SshHost(run_id, remote, store, settings.data_dir)
+            runtime = open_runtime(remote, settings.data_dir, settings.runtime)
+            host = SshHost(run_id, remote, store, settings.data_dir, runtime)
             host.make_folders()
         except BaseException:
             store.close()
@@ -122,19 +126,17 @@ class SshProvider:
 
 
 class SshHost:
-    """One run's folders and steps on an SSH host (the rootfs runtime: no Docker needed)."""
+    """One run's folders and steps on an SSH host, in the runtime chosen for it."""
 
-    def __init__(self, run_id: str, remote: RemoteHost, store: Store, data_dir: str) -> None:
-        from runner.runtimes import RootfsRuntime
-
+    def __init__(
+        self, run_id: str, remote: RemoteHost, store: Store, data_dir: str, runtime: Runtime
+    ) -> None:
         self.run_id = run_id
         self.remote = remote
         self.data_dir = data_dir
         self.run_dir = check_remote_path(f"{data_dir}/runner/runs/{run_id}")
+        self.runtime = runtime
         self._store = store
-        self._runtime: RootfsRuntime = RootfsRuntime(remote, data_dir)
-        self._rootfs: str | None = None
-        self._image_config: dict = {}
         self._steps = 0
 
     def make_folders(self) -> None:
@@ -144,15 +146,11 @@ class SshHost:
             raise ProviderFailure(f"cannot create {self.run_dir} on {self._where()}: {result.stderr.strip()}")
 
     def ensure_image(self, image_id: str) -> None:
-        """Read the image's layers from the local engine, send the ones the host lacks, unpack."""
-        from runner.layers import RemoteLayout, image_layers, sync_layers
+        """Read the image's layers from the local engine; the runtime sends what the host lacks."""
+        from runner.layers import image_layers
 
-        layers = image_layers(image_id)
-        report = sync_layers(self.remote, layers, self.data_dir)
-        self._store.add_event(self.run_id, "image.synced", **report.to_dict())
-        layout = RemoteLayout.at(self.data_dir)
-        self._rootfs = self._runtime.prepare(image_id, [layout.layer(d) for d in layers.diff_ids])
-        self._image_config = json.loads(layers.config)
+        report = self.runtime.prepare_image(image_layers(image_id))
+        self._store.add_event(self.run_id, "image.synced", runtime=self.runtime.name, **report.to_dict())
 
     def put_input(self, src: Path, dest: str) -> str:
         return self.remote.put(src, f"{self.run_dir}/data/{dest}").sha256
@@ -166,20 +164,16 @@ class SshHost:
     def run(self, request: ContainerRun, on_output: OutputSink) -> int:
         """Start the step detached, stream its log lines until it ends; return its exit code.
         On an interrupt the step gets SIGTERM and STOP_GRACE_S to checkpoint before SIGKILL."""
-        if self._rootfs is None:
-            raise ProviderFailure(f"no image prepared on {self._where()} before running {request.name}")
         self._steps += 1
         step = f"{self._steps:02d}-{_STEP_CHARS.sub('-', request.name)}"[:64]
-        handle = self._runtime.start(
-            self.run_dir, step, request.script, request.env, self._rootfs, self._image_config
-        )
+        handle = self.runtime.start_step(self.run_dir, step, request.script, request.env, request.gpus)
         lines = _Lines(on_output)
         try:
-            code = self._runtime.wait(handle, STEP_TIMEOUT_S, lines.feed)
+            code = self.runtime.wait(handle, STEP_TIMEOUT_S, lines.feed)
         except KeyboardInterrupt:
             lines.flush()
             try:
-                self._runtime.stop(handle, grace_s=STOP_GRACE_S)
+                self.runtime.stop(handle, grace_s=STOP_GRACE_S)
             except RunnerError as exc:  # the interrupt is what the caller must see
                 log.warning("could not stop %s on %s: %s", step, self._where(), exc.message)
             raise
@@ -228,6 +222,7 @@ class SshHost:
 
     def close(self, *, keep_workspace: bool) -> None:
         try:
+            self.runtime.clean_up(self.run_dir)
             if not keep_workspace:
                 result = self.remote.run(["sh", "-c", _REMOVE_SH, "sh", self.run_dir], timeout=600)
                 if result.exit_code != 0:

@@ -439,6 +439,13 @@ class SyncReport:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def nothing_sent(cls, image: ImageLayers, codec: str) -> SyncReport:
+        """The report for a host that already had the whole image."""
+        unique = tuple(dict.fromkeys(image.diff_ids))
+        skipped = sum(image.size_of(diff_id) for diff_id in unique)
+        return cls(image.image_id, codec, (), unique, 0, skipped, 0.0)
+
 
 def sync_layers(
     host: RemoteHost,
@@ -447,17 +454,20 @@ def sync_layers(
     progress: LayerProgress | None = None,
     *,
     verify: bool = False,
+    needed: set[str] | None = None,
 ) -> SyncReport:
-    """Put every layer of the image into the host's layer cache, sending only the missing ones,
-    then its config and a manifest of its diffIDs in order (last, so a manifest on the host means
-    every layer it names arrived). With verify, the layers the host claims are hashed first and
-    corrupt ones are sent again."""
+    """Put the image's layers into the host's layer cache, sending only the missing ones, then
+    its config and a manifest of its diffIDs in order. needed limits the layers the cache must
+    hold (default: all); the others (say, layers the host's Docker engine has) count as skipped.
+    With verify, the layers the host claims are hashed first and corrupt ones are sent again."""
     started = time.monotonic()
     layout = RemoteLayout.at(data_dir)
     choice = choose_codec(local_has_zstd(), remote_tools(host))
-    present = remote_layers(host, layout.data_dir) & set(image.diff_ids)
+    wanted = set(image.diff_ids) if needed is None else set(needed)
+    present = remote_layers(host, layout.data_dir) & wanted
     if verify:
         present = {d for d in present if verify_remote_layer(host, layout.data_dir, d)}
+    present |= set(image.diff_ids) - wanted
     plan = plan_sync(image, present)
     sent = sum(_send_layer(host, image, layout, entry, choice, progress) for entry in plan.send)
     sent += _send_image_files(host, image, layout)

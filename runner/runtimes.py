@@ -15,10 +15,12 @@ import secrets
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import PurePosixPath
+from typing import Protocol
 
 from runner.errors import BadInput, ProviderFailure
+from runner.layers import ImageLayers, LayerProgress, RemoteLayout, SyncReport, sync_layers
 from runner.remote import RemoteHost
-from runner.steps import DetachedSteps, StepHandle, absolute_folder, step_folder
+from runner.steps import DetachedSteps, StepHandle, StepStatus, absolute_folder, step_folder
 
 MARKER = ".runner-unpacked.json"  # written by unpack_layers.py once every layer applied
 GUEST_NVIDIA_LIBS = "/usr/local/nvidia/lib64"  # where NVIDIA's CUDA images look for the driver
@@ -49,12 +51,74 @@ class GpuBinds:
     library_dir: str | None = None  # to put first on LD_LIBRARY_PATH inside
 
 
+class Runtime(Protocol):
+    """What the SSH host needs from a runtime; steps are watched through DetachedSteps."""
+
+    name: str
+
+    def prepare_image(self, layers: ImageLayers, progress: LayerProgress | None = None) -> SyncReport:
+        """Send what the host lacks of the image and make it runnable there."""
+
+    def start_step(
+        self, run_dir_remote: str, step_name: str, script: str, env: Mapping[str, str], gpus: int
+    ) -> StepHandle:
+        """Start one step of the prepared image, detached."""
+
+    def poll(self, handle: StepHandle) -> StepStatus: ...
+
+    def wait(self, handle: StepHandle, timeout: float, on_output=None, offset: int = 0) -> int: ...
+
+    def stop(self, handle: StepHandle, grace_s: float = 30.0) -> int: ...
+
+    def clean_up(self, run_dir_remote: str) -> None:
+        """Remove what the run's steps left on the host besides its folder."""
+
+
+def open_runtime(host: RemoteHost, data_dir: str, wanted: str) -> Runtime:
+    """The runtime to use: docker when asked or, for `auto`, when the login can use an engine;
+    rootfs otherwise. Asking for docker on a host without a usable engine is an error."""
+    from runner.docker_runtime import DockerRuntime, probe_engine
+
+    if wanted == "rootfs":
+        return RootfsRuntime(host, data_dir)
+    engine = probe_engine(host)
+    if engine is not None:
+        return DockerRuntime(host, data_dir, engine)
+    if wanted == "docker":
+        where = host.endpoint.address
+        raise ProviderFailure(f"{where} has no Docker engine this login can use (runtime: docker)")
+    return RootfsRuntime(host, data_dir)
+
+
 class RootfsRuntime(DetachedSteps):
     """Steps of one image, run under proot on a Docker-less host, detached from SSH."""
 
+    name = "rootfs"
+
     def __init__(self, host: RemoteHost, data_dir: str) -> None:
         super().__init__(host, f"{absolute_folder(data_dir)}/runner")
+        self.data_dir = absolute_folder(data_dir)
         self._probe: str | None = None
+        self._prepared: tuple[str, dict] | None = None  # the rootfs and the image config
+
+    def prepare_image(self, layers: ImageLayers, progress: LayerProgress | None = None) -> SyncReport:
+        """Send the layers the host's cache lacks, then unpack them (unless already unpacked)."""
+        report = sync_layers(self.host, layers, self.data_dir, progress)
+        layout = RemoteLayout.at(self.data_dir)
+        rootfs = self.prepare(layers.image_id, [layout.layer(d) for d in layers.diff_ids])
+        self._prepared = (rootfs, json.loads(layers.config))
+        return report
+
+    def start_step(
+        self, run_dir_remote: str, step_name: str, script: str, env: Mapping[str, str], gpus: int
+    ) -> StepHandle:
+        """Start a step in the prepared image's rootfs (GPUs are bound whenever the host has them)."""
+        if self._prepared is None:
+            raise ProviderFailure(f"no image prepared on {self._where()} before step {step_name}")
+        return self.start(run_dir_remote, step_name, script, env, *self._prepared)
+
+    def clean_up(self, run_dir_remote: str) -> None:
+        """Nothing: a stopped step leaves nothing outside the run's folder."""
 
     # -- the root file system -----------------------------------------------------
 
@@ -128,6 +192,7 @@ class RootfsRuntime(DetachedSteps):
         if proot is None:
             raise ProviderFailure(f"{self._where()} has no proot; install it (apt-get install proot)")
         return proot, gpu_binds(lines)
+
 
 def guest_env(image_config: Mapping, env: Mapping[str, str], gpus: GpuBinds) -> dict[str, str]:
     """The environment inside: the image's Env, then the step's env, then the GPU libraries.

@@ -64,7 +64,6 @@ class StepHandle:
     pid: int  # the command's pid, which is also its process group
 
 
-
 class DetachedSteps:
     """Start, watch and stop detached steps on one host; helper scripts live in `<base>/bin`."""
 

@@ -7,6 +7,7 @@ replacement container, which is how the tests fake a recreated instance.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import secrets
 import socket
@@ -19,7 +20,10 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
+from docker.errors import ImageNotFound
 
+from runner.images import docker_client
+from runner.layers import LayerCache
 from runner.remote import Endpoint
 
 REPO = Path(__file__).parents[2]
@@ -90,18 +94,18 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_for_sshd(port: int, timeout: float = 30) -> None:
+def wait_for_sshd(port: int, timeout: float = 30, address: str = "127.0.0.1") -> None:
     """Poll until sshd sends its banner on the port (bounded)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=2) as sock:
+            with socket.create_connection((address, port), timeout=2) as sock:
                 if sock.recv(64).startswith(b"SSH-"):
                     return
         except OSError:
             pass
         time.sleep(0.2)
-    raise RuntimeError(f"sshd on 127.0.0.1:{port} did not answer within {timeout}s")
+    raise RuntimeError(f"sshd on {address}:{port} did not answer within {timeout}s")
 
 
 @pytest.fixture(scope="session")
@@ -161,3 +165,55 @@ def stop_host(host: SshdHost) -> None:
 def sshd_host(start_host) -> SshdHost:
     """One test host shared by the tests that do not replace it."""
     return start_host()
+
+
+LAYERED_DOCKERFILE = f"""\
+FROM {BASE_IMAGE}
+RUN mkdir -p /opt/t && head -c 400000 /dev/urandom > /opt/t/one.bin
+RUN echo two > /opt/t/two.txt
+COPY last.txt /opt/t/last.txt
+"""
+
+
+def _build(client, folder: Path, last: str, tag: str) -> None:
+    folder.mkdir()
+    (folder / "Dockerfile").write_text(LAYERED_DOCKERFILE, encoding="utf-8")
+    (folder / "last.txt").write_text(last, encoding="utf-8")
+    client.images.build(path=str(folder), tag=tag, rm=True, forcerm=True)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> dict[str, str]:
+    """Tags of a small test image and of its variant with another last layer (what a one-line
+    code change does to a trainer image); removed afterwards."""
+    client = docker_client()
+    suffix = secrets.token_hex(4)
+    tags = {"first": f"runner-test/layers:{suffix}-a", "variant": f"runner-test/layers:{suffix}-b"}
+    folder = tmp_path_factory.mktemp("layer-images")
+    try:
+        _build(client, folder / "first", "the first version\n", tags["first"])
+        _build(client, folder / "variant", "a one-line change\n", tags["variant"])
+        yield tags
+    finally:
+        for tag in tags.values():
+            with contextlib.suppress(ImageNotFound):  # never built: nothing to remove
+                client.images.remove(tag)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> LayerCache:
+    """One laptop cache for the module: the base layer is extracted and compressed once."""
+    return LayerCache(tmp_path_factory.mktemp("layer-cache"))
+
+
+@pytest.fixture(scope="session")
+def vm_host(root_key, tmp_path_factory):
+    """The VM-like host (network namespace, sshd, its own dockerd), shared by the session."""
+    from tests.remote.vm_host import start_vm_host
+
+    try:
+        host = start_vm_host(tmp_path_factory.mktemp("vm-host"), root_key)
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
+    yield host
+    host.stop()

@@ -6,19 +6,13 @@ Two small images share their first layers (the base and two RUN layers) and diff
 
 from __future__ import annotations
 
-import contextlib
 import json
-import secrets
-from pathlib import Path
 
 import pytest
-from docker.errors import ImageNotFound
 
-from runner.images import docker_client
 from runner.layers import (
     Codec,
     ImageLayers,
-    LayerCache,
     RemoteLayout,
     image_layers,
     remote_layers,
@@ -27,47 +21,10 @@ from runner.layers import (
 )
 from runner.remote import RemoteHost, RetryPolicy
 from runner.store import Store
-from tests.remote.conftest import BASE_IMAGE
 
 pytestmark = pytest.mark.integration
 
 FAST = RetryPolicy(attempts=4, first_delay=0.2, max_delay=1.0, deadline=20)
-DOCKERFILE = f"""\
-FROM {BASE_IMAGE}
-RUN mkdir -p /opt/t && head -c 400000 /dev/urandom > /opt/t/one.bin
-RUN echo two > /opt/t/two.txt
-COPY last.txt /opt/t/last.txt
-"""
-
-
-def _build(client, folder: Path, last: str, tag: str) -> None:
-    folder.mkdir()
-    (folder / "Dockerfile").write_text(DOCKERFILE, encoding="utf-8")
-    (folder / "last.txt").write_text(last, encoding="utf-8")
-    client.images.build(path=str(folder), tag=tag, rm=True, forcerm=True)
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory) -> dict[str, str]:
-    """Tags of the test image and of its variant with another last layer; removed afterwards."""
-    client = docker_client()
-    suffix = secrets.token_hex(4)
-    tags = {"first": f"runner-test/layers:{suffix}-a", "variant": f"runner-test/layers:{suffix}-b"}
-    folder = tmp_path_factory.mktemp("layer-images")
-    try:
-        _build(client, folder / "first", "the first version\n", tags["first"])
-        _build(client, folder / "variant", "a one-line change\n", tags["variant"])
-        yield tags
-    finally:
-        for tag in tags.values():
-            with contextlib.suppress(ImageNotFound):  # never built: nothing to remove
-                client.images.remove(tag)
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> LayerCache:
-    """One laptop cache for the module: the base layer is extracted and compressed once."""
-    return LayerCache(tmp_path_factory.mktemp("layer-cache"))
 
 
 @pytest.fixture
