@@ -18,16 +18,18 @@ import os
 import posixpath
 import re
 import tempfile
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from infra.base import Capabilities, ContainerRun, FetchedFile, OutputSink
-from runner.errors import BadInput, ProviderFailure, RunFailed, RunnerError
+from runner.errors import BadInput, ProviderFailure, RunFailed
 from runner.remote import Endpoint, RemoteHost, check_remote_path
 
 if TYPE_CHECKING:
     from runner.runtimes import Runtime
     from runner.spec import SshProvider as SshSettings
+    from runner.steps import StepHandle
     from runner.store import Store
 
 log = logging.getLogger(__name__)
@@ -98,8 +100,9 @@ class SshProvider:
     type = "ssh"
     capabilities = Capabilities(instances=False, power_modes=False)
 
-    def __init__(self, settings: SshSettings) -> None:
+    def __init__(self, settings: SshSettings, accept_new_host_key: bool = False) -> None:
         self.settings = settings
+        self.accept_new_host_key = accept_new_host_key
 
     def open_host(self, run_id: str) -> SshHost:
         """Log in (the password, if any, is read from its variable now) and make the run's folders."""
@@ -107,17 +110,12 @@ class SshProvider:
         from runner.store import open_store
 
         settings = self.settings
-        password = None
-        if settings.password_env is not None:
-            password = os.environ.get(settings.password_env)
-            if password is None:
-                raise BadInput(f"the SSH password variable {settings.password_env} is not set")
-        endpoint = Endpoint(settings.host, settings.port, settings.user, settings.key_path, password)
+        login = Login(settings.host, settings.port, settings.user, settings.key_path, settings.password_env)
         store = open_store()
         try:
-            remote = RemoteHost(endpoint, store, accept_new_host_key=settings.accept_new_host_key)
+            remote = login.connect(store, accept_new_host_key=self.accept_new_host_key)
             runtime = open_runtime(remote, settings.data_dir, settings.runtime)
-            host = SshHost(run_id, remote, store, settings.data_dir, runtime)
+            host = SshHost(run_id, remote, store, settings.data_dir, runtime, login)
             host.make_folders()
         except BaseException:
             store.close()
@@ -125,19 +123,49 @@ class SshProvider:
         return host
 
 
+@dataclass(frozen=True)
+class Login:
+    """How to reach the host again later, without any secret: the password stays in its variable."""
+
+    host: str
+    port: int
+    user: str
+    key_file: Path | None
+    password_env: str | None
+
+    def connect(self, store: Store, *, accept_new_host_key: bool = False) -> RemoteHost:
+        password = None
+        if self.password_env is not None:
+            password = os.environ.get(self.password_env)
+            if password is None:
+                raise BadInput(f"the SSH password variable {self.password_env} is not set")
+        endpoint = Endpoint(self.host, self.port, self.user, self.key_file, password)
+        return RemoteHost(endpoint, store, accept_new_host_key=accept_new_host_key)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "key_file": None if self.key_file is None else str(self.key_file)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Login:
+        key_file = Path(data["key_file"]) if data.get("key_file") else None
+        return cls(data["host"], int(data["port"]), data["user"], key_file, data.get("password_env"))
+
+
 class SshHost:
     """One run's folders and steps on an SSH host, in the runtime chosen for it."""
 
     def __init__(
-        self, run_id: str, remote: RemoteHost, store: Store, data_dir: str, runtime: Runtime
+        self, run_id: str, remote: RemoteHost, store: Store, data_dir: str, runtime: Runtime, login: Login
     ) -> None:
         self.run_id = run_id
         self.remote = remote
         self.data_dir = data_dir
         self.run_dir = check_remote_path(f"{data_dir}/runner/runs/{run_id}")
         self.runtime = runtime
+        self.login = login
         self._store = store
         self._steps = 0
+        self._left_running: StepHandle | None = None
 
     def make_folders(self) -> None:
         folders = [f"{self.run_dir}/{name}" for name in ("data", "job", "out")]
@@ -163,7 +191,11 @@ class SshHost:
 
     def run(self, request: ContainerRun, on_output: OutputSink) -> int:
         """Start the step detached, stream its log lines until it ends; return its exit code.
-        On an interrupt the step gets SIGTERM and STOP_GRACE_S to checkpoint before SIGKILL."""
+
+        An interrupt here (Ctrl-C, the terminal closed) leaves the step running on the host: a
+        training run must not die with the laptop's session. What a later `runner logs -f` or
+        `runner stop` needs to find it again is recorded as a `step.detached` event.
+        """
         self._steps += 1
         step = f"{self._steps:02d}-{_STEP_CHARS.sub('-', request.name)}"[:64]
         handle = self.runtime.start_step(self.run_dir, step, request.script, request.env, request.gpus)
@@ -172,10 +204,18 @@ class SshHost:
             code = self.runtime.wait(handle, STEP_TIMEOUT_S, lines.feed)
         except KeyboardInterrupt:
             lines.flush()
-            try:
-                self.runtime.stop(handle, grace_s=STOP_GRACE_S)
-            except RunnerError as exc:  # the interrupt is what the caller must see
-                log.warning("could not stop %s on %s: %s", step, self._where(), exc.message)
+            self._left_running = handle
+            self._store.add_event(
+                self.run_id,
+                "step.detached",
+                name=request.name,
+                step_dir=handle.step_dir,
+                pid=handle.pid,
+                offset=lines.offset,
+                runtime=self.runtime.name,
+                data_dir=self.data_dir,
+                login=self.login.to_dict(),
+            )
             raise
         lines.flush()
         return code
@@ -221,7 +261,10 @@ class SshHost:
         return listing
 
     def close(self, *, keep_workspace: bool) -> None:
+        """Remove the run's folder and leftovers, unless kept or a step was left running."""
         try:
+            if self._left_running is not None:
+                return
             self.runtime.clean_up(self.run_dir)
             if not keep_workspace:
                 result = self.remote.run(["sh", "-c", _REMOVE_SH, "sh", self.run_dir], timeout=600)
@@ -265,13 +308,16 @@ def _safe_relative(path: object) -> bool:
 
 
 class _Lines:
-    """Re-cut a byte stream into text lines (log chunks do not follow line ends)."""
+    """Re-cut a byte stream into text lines (log chunks do not follow line ends); offset counts
+    the bytes fed, which is where a later reader of the same log picks up."""
 
     def __init__(self, sink: OutputSink) -> None:
         self._sink = sink
         self._pending = b""
+        self.offset = 0
 
     def feed(self, chunk: bytes) -> None:
+        self.offset += len(chunk)
         self._pending += chunk
         *lines, self._pending = self._pending.split(b"\n")
         for line in lines:

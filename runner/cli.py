@@ -91,14 +91,22 @@ def validate(job: Path, as_json: bool) -> None:
 )
 @click.option("-q", "--quiet", is_flag=True, help="Only print phase failures and the result.")
 @click.option("-v", "--verbose", is_flag=True, help="Also show the image build's output.")
+@click.option(
+    "--accept-new-host-key",
+    is_flag=True,
+    help="The SSH host was recreated: accept its new host key this once and pin it.",
+)
 @json_option
 @_errors_handled
-def submit(job: Path, out_dir: Path, quiet: bool, verbose: bool, as_json: bool) -> None:
+def submit(
+    job: Path, out_dir: Path, quiet: bool, verbose: bool, accept_new_host_key: bool, as_json: bool
+) -> None:
     """Run JOB end to end: plan, stage, train, collect, tear down."""
     from runner.console import Reporter
     from runner.pipeline import submit as submit_job
 
-    result = submit_job(job, out_dir, Reporter(quiet=quiet, verbose=verbose))
+    reporter = Reporter(quiet=quiet, verbose=verbose)
+    result = submit_job(job, out_dir, reporter, accept_new_host_key=accept_new_host_key)
     if as_json:
         _emit_json(result.to_dict())
     else:
@@ -112,13 +120,59 @@ def submit(job: Path, out_dir: Path, quiet: bool, verbose: bool, as_json: bool) 
 @_errors_handled
 def status(run_ref: str, as_json: bool) -> None:
     """Show one run (by id or unique id prefix): its phases and artifacts."""
+    from runner.attach import remote_state
     from runner.pipeline import run_status
 
     result = run_status(run_ref)
+    left = remote_state(run_ref)
     if as_json:
-        _emit_json(result.to_dict())
-    else:
-        _print_result(result)
+        _emit_json({**result.to_dict(), "left_running": left and left.to_dict()})
+        return
+    _print_result(result)
+    if left is not None:
+        code = "" if left.exit_code is None else f" (exit code {left.exit_code})"
+        click.echo(f"  {left.name} left running on {left.host}: now {left.state}{code}")
+
+
+@main.command()
+@click.argument("run_ref", metavar="RUN")
+@click.option("-f", "--follow", is_flag=True, help="Reattach to a step left running on its host.")
+@_errors_handled
+def logs(run_ref: str, follow: bool) -> None:
+    """Print a run's step logs; with -f, stream a step left running remotely until it ends."""
+    from runner import attach
+
+    run = attach.find_run(run_ref)
+    files = attach.local_logs(run)
+    for path in files:
+        if len(files) > 1:
+            click.echo(f"==> {path.name} <==", err=True)
+        sys.stdout.buffer.write(path.read_bytes())
+    sys.stdout.flush()
+    if not follow:
+        return
+    ended = attach.follow(run.id, _write_through)
+    if ended is None:
+        click.echo(f"run {run.id} has no step left running on a host", err=True)
+        return
+    click.echo(f"{ended.name} on {ended.host} exited with code {ended.exit_code}", err=True)
+    sys.exit(0 if ended.exit_code == 0 else 1)
+
+
+def _write_through(chunk: bytes) -> None:
+    sys.stdout.buffer.write(chunk)
+    sys.stdout.flush()
+
+
+@main.command()
+@click.argument("run_ref", metavar="RUN")
+@_errors_handled
+def stop(run_ref: str) -> None:
+    """Stop the step a run left running on its host (SIGTERM, then SIGKILL after 30 s)."""
+    from runner import attach
+
+    ended = attach.stop(run_ref)
+    click.echo(f"stopped {ended.name} on {ended.host} (exit code {ended.exit_code})", err=True)
 
 
 @main.command()
@@ -141,6 +195,73 @@ def runs(limit: int, as_json: bool) -> None:
         created = datetime.fromtimestamp(record.created_at).strftime("%Y-%m-%d %H:%M:%S")
         code = "" if record.exit_code is None else str(record.exit_code)
         click.echo(f"{record.id:<44} {record.status:<12} {code:>4}  {created}")
+
+
+@main.group()
+def image() -> None:
+    """Work with a job's image on a remote host."""
+
+
+@image.command("sync", short_help="Send an image to an SSH host, only the layers it lacks.")
+@click.argument("ref", metavar="JOB|IMAGE")
+@click.option(
+    "--host",
+    metavar="[USER@]HOST[:PORT]",
+    help="The SSH host (user root, port 22 unless given); replaces the job's. Required for an IMAGE.",
+)
+@click.option(
+    "--key",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="SSH private key file; replaces the job's login.",
+)
+@click.option(
+    "--password-env",
+    metavar="NAME",
+    help="Environment variable holding the SSH password; replaces the job's login.",
+)
+@click.option(
+    "--data-dir",
+    metavar="PATH",
+    help="The host's data folder (absolute).  [default: the job's, else /root/runner-data]",
+)
+@click.option(
+    "--runtime",
+    type=click.Choice(["auto", "docker", "rootfs"]),
+    help="docker: load into the host's engine; rootfs: unpack for proot; auto: docker if the"
+    " login can use an engine.  [default: the job's, else auto]",
+)
+@click.option("--accept-new-host-key", is_flag=True, help="Accept a changed host key this once and pin it.")
+@json_option
+@_errors_handled
+def image_sync(
+    ref: str,
+    host: str | None,
+    key: Path | None,
+    password_env: str | None,
+    data_dir: str | None,
+    runtime: str | None,
+    accept_new_host_key: bool,
+    as_json: bool,
+) -> None:
+    """Send JOB's image (a job spec file) or IMAGE (a tag or ID) to an SSH host.
+
+    Only the layers the host lacks are sent; the image is then loaded into the host's
+    Docker engine, or unpacked for proot on a host without Docker, and its ID is checked
+    against the local one. Prints bytes sent and skipped, and seconds.
+    """
+    from runner.image_sync import LayerProgress, Options, plan, sync_image
+    from runner.store import open_store
+
+    options = Options(host, key, password_env, data_dir, runtime, accept_new_host_key)
+    image_id, target = plan(ref, options, lambda text: click.echo(text, err=True))
+    with open_store() as store:
+        result = sync_image(
+            image_id, target, store, accept_new_host_key=accept_new_host_key, progress=LayerProgress()
+        )
+    if as_json:
+        _emit_json(result.to_dict())
+    else:
+        click.echo(result.summary())
 
 
 def _print_result(result) -> None:

@@ -97,10 +97,12 @@ class RunResult:
         }
 
 
-def submit(spec_path: str | Path, out_root: Path, reporter: Reporter) -> RunResult:
+def submit(
+    spec_path: str | Path, out_root: Path, reporter: Reporter, *, accept_new_host_key: bool = False
+) -> RunResult:
     """Validate the spec, record a new run and drive it through every phase."""
     loaded = load_spec(spec_path)
-    provider = provider_for(loaded.spec.provider)
+    provider = provider_for(loaded.spec.provider, accept_new_host_key=accept_new_host_key)
     with open_store() as store:
         run_id = _new_run_id(loaded.spec.name)
         run_dir = _make_run_dir(out_root, run_id)
@@ -146,6 +148,11 @@ def _execute(ctx: RunContext) -> RunResult:
         phases = store.phases(run.id)
         manifest.write(ctx, run, phases)
     ctx.reporter.phase("run", status, error or "")
+    if any(event.kind == "step.detached" for event in store.events(run.id)):
+        ctx.reporter.info(
+            f"the step keeps running on its host: `runner logs {run.id} -f` follows it,"
+            f" `runner stop {run.id}` stops it"
+        )
     if unexpected is not None:
         raise unexpected
     return RunResult(run=run, phases=phases, artifacts=ctx.artifacts)

@@ -122,7 +122,6 @@ class SshProvider(Strict):
     key_file: str | None = None
     password_env: EnvName | None = None
     data_dir: Annotated[str, AfterValidator(_remote_dir)] = "/root/runner-data"
-    accept_new_host_key: bool = False
     runtime: Literal["auto", "docker", "rootfs"] = "auto"
     _key_path: Path | None = PrivateAttr(default=None)  # key_file resolved against the spec's folder
 

@@ -1,8 +1,9 @@
-"""Whole `runner submit` runs over SSH on a container test host (sshd + proot, no Docker).
+"""Whole `runner submit` runs over SSH on both kinds of test host: a container host (sshd +
+proot, no Docker: the rootfs runtime) and a VM-like host (its own dockerd: the docker runtime).
 
 A tiny image (the offline base plus one small layer) is pinned by its ID; the job uses shell
-commands only (the base has no python3). The runs share one RUNNER_HOME, so the second one finds
-the host key pinned and the layers in both caches.
+commands only (the base has no python3). The runs share one RUNNER_HOME per host kind, so the
+second one finds the host key pinned and the layers on the host.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -32,7 +35,6 @@ def whole_run(test):
     return pytest.mark.integration(pytest.mark.e2e(test))
 
 
-DATA_DIR = "/srv/runner-data"
 RUN_TIMEOUT_S = 300
 DOCKERFILE = f"""FROM {BASE_IMAGE}
 RUN mkdir -p /opt/job && echo "from the image" > /opt/job/banner
@@ -57,30 +59,62 @@ def image_id() -> str:
         client.close()
 
 
-@pytest.fixture(scope="module")
-def ssh_host(start_host):
-    return start_host()
+@dataclass(frozen=True)
+class Target:
+    """A test host as the whole-run tests see it, whatever its kind."""
+
+    kind: str
+    runtime: str
+    address: str
+    port: int
+    data_dir: str
+    exists: Callable[[str], bool]  # whether a path exists on the host
+    busy: Callable[[], bool]  # whether a step's `sleep` is running there
+
+
+@pytest.fixture(scope="module", params=["container", "vm"])
+def ssh_host(request) -> Target:
+    if request.param == "container":
+        host = request.getfixturevalue("start_host")()
+
+        def on_host(*argv: str) -> bool:
+            proc = subprocess.run(["docker", "exec", host.container, *argv], capture_output=True, timeout=60)
+            return proc.returncode == 0
+
+        return Target(
+            "container", "rootfs", "127.0.0.1", host.port, "/srv/runner-data",
+            exists=lambda path: on_host("test", "-e", path), busy=lambda: on_host("pgrep", "-x", "sleep"),
+        )  # fmt: skip
+    vm = request.getfixturevalue("vm_host")
+
+    def sleeping_container() -> bool:
+        return "sleep" in vm.docker("ps", "--no-trunc", "--format", "{{.Command}}").stdout
+
+    return Target(
+        "vm", "docker", vm.address, vm.port, str(vm.folder / "runner-data"),
+        exists=lambda path: Path(path).exists(), busy=sleeping_container,
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="module")
-def job_folder(tmp_path_factory, ssh_host) -> Path:
+def job_folder(tmp_path_factory, ssh_host, root_key) -> Path:
     """A folder with the login key and an input file; the specs are written next to them."""
-    folder = tmp_path_factory.mktemp("ssh-job")
-    shutil.copy(ssh_host.root_key, folder / "id_ed25519")
+    folder = tmp_path_factory.mktemp(f"ssh-job-{ssh_host.kind}")
+    shutil.copy(root_key.private_file, folder / "id_ed25519")
     (folder / "id_ed25519").chmod(0o600)
     (folder / "records.bin").write_bytes(os.urandom(10_000))
     return folder
 
 
-def write_spec(folder: Path, port: int, image_id: str, name: str, train: str, outputs: list[str]) -> Path:
+def write_spec(folder: Path, host: Target, image_id: str, name: str, train: str, outputs: list[str]) -> Path:
     text = f"""\
 name: {name}
 provider:
   type: ssh
-  host: 127.0.0.1
-  port: {port}
+  host: {host.address}
+  port: {host.port}
   key_file: id_ed25519
-  data_dir: {DATA_DIR}
+  data_dir: {host.data_dir}
 image: {{ref: '{image_id}'}}
 inputs:
   - src: records.bin
@@ -98,21 +132,31 @@ outputs: {json.dumps(outputs)}
     return spec
 
 
-def submit(folder: Path, spec: Path, timeout: float = RUN_TIMEOUT_S) -> tuple[int, dict, str]:
-    env = {**os.environ, "RUNNER_HOME": str(folder / "home")}
-    argv = [sys.executable, "-m", "runner", "submit", str(spec), "--json", "--out", str(folder / "runs")]
-    proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout)
+def runner_cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "runner", *args]
+
+
+def cli(folder: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run a runner command with the folder's RUNNER_HOME."""
+    return subprocess.run(
+        runner_cli(*args), env=cli_env(folder), capture_output=True, text=True, timeout=timeout
+    )
+
+
+def cli_env(folder: Path) -> dict[str, str]:
+    return {**os.environ, "RUNNER_HOME": str(folder / "home")}
+
+
+def submit(folder: Path, spec: Path, *options: str, timeout: float = RUN_TIMEOUT_S) -> tuple[int, dict, str]:
+    proc = cli(
+        folder, "submit", str(spec), "--json", "--out", str(folder / "runs"), *options, timeout=timeout
+    )
     return proc.returncode, json.loads(proc.stdout), proc.stderr
 
 
 def events(folder: Path, run_id: str, kind: str) -> list[dict]:
     with Store(folder / "home") as store:
         return [e.data for e in store.events(run_id) if e.kind == kind]
-
-
-def remote_exists(host, path: str) -> bool:
-    proc = subprocess.run(["docker", "exec", host.container, "test", "-e", path], timeout=60)
-    return proc.returncode == 0
 
 
 GOOD_TRAIN = (
@@ -125,9 +169,7 @@ GOOD_TRAIN = (
 @pytest.fixture(scope="module")
 def good_runs(job_folder, ssh_host, image_id):
     """The same job submitted twice: the second finds the layers on the host."""
-    spec = write_spec(
-        job_folder, ssh_host.port, image_id, "ssh-good", GOOD_TRAIN, ["/out/result", "/out/sub"]
-    )
+    spec = write_spec(job_folder, ssh_host, image_id, "ssh-good", GOOD_TRAIN, ["/out/result", "/out/sub"])
     return [submit(job_folder, spec) for _ in range(2)]
 
 
@@ -157,15 +199,16 @@ def test_whole_run_over_ssh_brings_back_verified_outputs(good_runs, job_folder, 
     assert (run_dir / "logs" / "setup-01-prepare.log").read_text() == "prepared\n"
     assert (run_dir / "logs" / "train.log").read_text() == "from the image\ntrained\n"
     # a run that succeeded leaves nothing in its folder on the host
-    assert not remote_exists(ssh_host, f"{DATA_DIR}/runner/runs/{payload['run_id']}")
+    assert not ssh_host.exists(f"{ssh_host.data_dir}/runner/runs/{payload['run_id']}")
 
 
 @whole_run
-def test_second_run_reuses_the_layers_on_the_host(good_runs, job_folder):
+def test_second_run_reuses_the_layers_on_the_host(good_runs, job_folder, ssh_host):
     (first_code, first, _), (second_code, second, stderr) = good_runs
     assert first_code == second_code == 0, stderr[-4000:]
     (sync1,) = events(job_folder, first["run_id"], "image.synced")
     (sync2,) = events(job_folder, second["run_id"], "image.synced")
+    assert sync1["runtime"] == sync2["runtime"] == ssh_host.runtime
     assert sync1["bytes_sent"] > 0 and sync1["sent"]
     assert sync2["bytes_sent"] == 0 and sync2["sent"] == []
     assert sorted(sync2["skipped"]) == sorted(set(sync1["sent"]) | set(sync1["skipped"]))
@@ -174,7 +217,7 @@ def test_second_run_reuses_the_layers_on_the_host(good_runs, job_folder):
 
 @whole_run
 def test_failing_train_step_exits_1_with_its_log(job_folder, ssh_host, image_id):
-    spec = write_spec(job_folder, ssh_host.port, image_id, "ssh-fail", "echo boom >&2; exit 7", ["/out"])
+    spec = write_spec(job_folder, ssh_host, image_id, "ssh-fail", "echo boom >&2; exit 7", ["/out"])
     code, payload, stderr = submit(job_folder, spec)
     assert code == 1, stderr[-4000:]
     assert "train exited with code 7" in payload["error"]
@@ -182,7 +225,7 @@ def test_failing_train_step_exits_1_with_its_log(job_folder, ssh_host, image_id)
     assert phases["train"] == "failed" and phases["teardown"] == "succeeded" and "collect" not in phases
     assert (Path(payload["run_dir"]) / "logs" / "train.log").read_text() == "boom\n"
     # a failed run's folder is kept on the host for inspection
-    assert remote_exists(ssh_host, f"{DATA_DIR}/runner/runs/{payload['run_id']}/data/x")
+    assert ssh_host.exists(f"{ssh_host.data_dir}/runner/runs/{payload['run_id']}/data/x")
 
 
 @whole_run
@@ -195,48 +238,80 @@ def test_failing_train_step_exits_1_with_its_log(job_folder, ssh_host, image_id)
     ids=["link-in-out", "path-below-link"],
 )
 def test_output_link_pointing_out_is_refused(job_folder, ssh_host, image_id, train, outputs, expected):
-    spec = write_spec(job_folder, ssh_host.port, image_id, "ssh-link", train, outputs)
+    spec = write_spec(job_folder, ssh_host, image_id, "ssh-link", train, outputs)
     code, payload, stderr = submit(job_folder, spec)
     assert code == 1, stderr[-4000:]
     assert expected in payload["error"]
     assert not [p for p in (Path(payload["run_dir"]) / "artifacts").rglob("*") if p.is_file()]
 
 
-@whole_run
-def test_sigterm_during_training_stops_the_step_on_the_host(job_folder, ssh_host, image_id):
-    """Killing the controller stops the remote step (SIGTERM, then SIGKILL) and records it."""
-    spec = write_spec(job_folder, ssh_host.port, image_id, "ssh-stop", "echo started; sleep 300", ["/out"])
-    env = {**os.environ, "RUNNER_HOME": str(job_folder / "home")}
-    argv = [sys.executable, "-m", "runner", "submit", str(spec), "--json", "--out", str(job_folder / "runs")]
-    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def interrupt_when_busy(folder: Path, spec: Path, host: Target) -> tuple[int, dict, str]:
+    """Submit, wait until the train step's `sleep` runs on the host, then SIGTERM the controller."""
+    argv = runner_cli("submit", str(spec), "--json", "--out", str(folder / "runs"))
+    proc = subprocess.Popen(
+        argv, env=cli_env(folder), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     try:
         deadline = time.monotonic() + 120
-        while not sleeping(ssh_host):
+        while not host.busy():
             assert proc.poll() is None and time.monotonic() < deadline, "the train step never started"
-            time.sleep(0.5)
+            time.sleep(0.3)
         proc.send_signal(signal.SIGTERM)
         stdout, stderr = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 130, stderr[-4000:]
-    payload = json.loads(stdout)
+    return proc.returncode, json.loads(stdout), stderr
+
+
+@whole_run
+def test_an_interrupted_controller_leaves_the_step_running_and_logs_f_reattaches(
+    job_folder, ssh_host, image_id
+):
+    """Ctrl-C or SIGTERM on the laptop never kills the remote step; `runner logs -f` picks it up."""
+    spec = write_spec(
+        job_folder, ssh_host, image_id, "ssh-detach", "echo started; sleep 5; echo finished", ["/out"]
+    )
+    code, payload, stderr = interrupt_when_busy(job_folder, spec, ssh_host)
+    assert code == 130, stderr[-4000:]
     assert payload["status"] == "interrupted"
-    assert not sleeping(ssh_host)
-    step = f"{DATA_DIR}/runner/runs/{payload['run_id']}/steps/02-train/exit_code"
-    assert remote_exists(ssh_host, step)
+    assert "keeps running on its host" in stderr
+    run_id = payload["run_id"]
+    left = json.loads(cli(job_folder, "status", run_id, "--json").stdout)["left_running"]
+    assert left["name"] == "train" and left["state"] in ("running", "exited")
+    follow = cli(job_folder, "logs", run_id, "-f")
+    assert follow.returncode == 0, follow.stderr
+    # the setup log, the train log as far as it was shown before the interrupt, then the rest
+    assert follow.stdout == "prepared\nstarted\nfinished\n"
+    assert "==> setup-01-prepare.log <==" in follow.stderr
+    assert "train on root@" in follow.stderr and "exited with code 0" in follow.stderr
+    assert not ssh_host.busy()
 
 
-def sleeping(host) -> bool:
-    proc = subprocess.run(["docker", "exec", host.container, "pgrep", "-x", "sleep"], timeout=60)
-    return proc.returncode == 0
+@whole_run
+def test_runner_stop_ends_a_step_left_running(job_folder, ssh_host, image_id):
+    spec = write_spec(job_folder, ssh_host, image_id, "ssh-stop", "echo started; sleep 300", ["/out"])
+    code, payload, stderr = interrupt_when_busy(job_folder, spec, ssh_host)
+    assert code == 130, stderr[-4000:]
+    assert ssh_host.busy()
+    run_id = payload["run_id"]
+    stopped = cli(job_folder, "stop", run_id)
+    assert stopped.returncode == 0, stopped.stderr
+    assert "stopped train on root@" in stopped.stderr
+    assert not ssh_host.busy()
+    assert ssh_host.exists(f"{ssh_host.data_dir}/runner/runs/{run_id}/steps/02-train/exit_code")
+    again = cli(job_folder, "stop", run_id)
+    assert again.returncode == 2 and "has no step left running on a host" in again.stderr
 
 
 @whole_run
 def test_smoke_job_over_ssh(job_folder, ssh_host):
     """The repository's smoke job (trainer image built from this checkout, 1.5 GB) over SSH."""
     text = (REPO / "jobs" / "smoke.yaml").read_text(encoding="utf-8")
-    provider = f"  type: ssh\n  host: 127.0.0.1\n  port: {ssh_host.port}\n  key_file: id_ed25519\n"
+    provider = (
+        f"  type: ssh\n  host: {ssh_host.address}\n  port: {ssh_host.port}\n  key_file: id_ed25519\n"
+        f"  data_dir: {ssh_host.data_dir}\n"
+    )
     text = text.replace("context: ..", f"context: {REPO}").replace("  type: local\n", provider)
     spec = job_folder / "smoke.yaml"
     spec.write_text(text.replace("name: smoke", "name: smoke-ssh"), encoding="utf-8")
@@ -284,7 +359,7 @@ def test_ssh_provider_defaults_and_key_path(tmp_path):
     (tmp_path / "keys" / "id").write_text("not read at validation")
     provider = load(tmp_path, "  key_file: keys/id").spec.provider
     assert (provider.port, provider.user, provider.data_dir) == (22, "root", "/root/runner-data")
-    assert provider.runtime == "rootfs" and provider.accept_new_host_key is False
+    assert provider.runtime == "auto"
     assert provider.key_path == tmp_path / "keys" / "id"
     assert "_key_path" not in load(tmp_path, "  key_file: keys/id").spec.model_dump()["provider"]
 
@@ -299,7 +374,7 @@ def test_ssh_provider_defaults_and_key_path(tmp_path):
         ("  password_env: 'A B'", ":5: provider.password_env: must be an environment variable name"),
         ("  password_env: PW\n  data_dir: relative", ":6: provider.data_dir: must be an absolute path"),
         ("  password_env: PW\n  port: 70000", ":6: provider.port: Input should be less than or equal"),
-        ("  password_env: PW\n  runtime: docker", ":6: provider.runtime: Input should be 'rootfs'"),
+        ("  password_env: PW\n  runtime: podman", ":6: provider.runtime: Input should be 'auto'"),
         ("  password_env: PW\n  colour: blue", ":6: provider.colour: unknown field"),
     ],
 )

@@ -1,0 +1,115 @@
+"""Steps left running on a remote host: find them again, follow their logs, stop them.
+
+A Ctrl-C (or a closed terminal) during a remote step ends the laptop's session, never the
+step: the pipeline records a `step.detached` event with what it takes to log in again (no
+secret: a password stays in its environment variable) and how far the log was shown. These
+functions pick the step up from there, in any later session.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from runner.errors import BadInput
+from runner.store import Run, Store, open_store
+
+STOP_GRACE_S = 30  # time for a trainer to checkpoint after SIGTERM, before SIGKILL
+FOLLOW_LIMIT_S = 14 * 24 * 3600  # a bound for the follow loop, far above any training run
+_ENDED = ("step.exited", "step.stopped")
+
+
+@dataclass(frozen=True)
+class DetachedStep:
+    name: str
+    host: str
+    step_dir: str
+    offset: int
+    state: str  # "running", "exited" or "lost"
+    exit_code: int | None
+
+    def to_dict(self) -> dict:
+        return vars(self)
+
+
+def local_logs(run: Run) -> list[Path]:
+    """The run's step logs in the order the steps ran (setup steps, then train)."""
+    folder = Path(run.run_dir) / "logs"
+    setup = sorted(folder.glob("setup-*.log"))
+    train = [folder / "train.log"] if (folder / "train.log").is_file() else []
+    return setup + train
+
+
+def find_run(ref: str) -> Run:
+    with open_store() as store:
+        return store.get_run(ref)
+
+
+def left_running(store: Store, run_id: str) -> dict | None:
+    """The last step.detached event's data, unless that step was seen ending since."""
+    found: dict | None = None
+    for event in store.events(run_id):
+        if event.kind == "step.detached":
+            found = event.data
+        elif event.kind in _ENDED and found and event.data.get("step_dir") == found["step_dir"]:
+            found = None
+    return found
+
+
+@contextmanager
+def _reattached(store: Store, info: dict) -> Iterator[tuple[object, object]]:
+    """The runtime on the step's host, logged in again, and the step's handle."""
+    from infra.ssh import Login
+    from runner.runtimes import open_runtime
+    from runner.steps import StepHandle
+
+    with Login.from_dict(info["login"]).connect(store) as remote:
+        runtime = open_runtime(remote, info["data_dir"], info["runtime"])
+        yield runtime, StepHandle(info["step_dir"], info["pid"])
+
+
+def remote_state(ref: str) -> DetachedStep | None:
+    """How the step a run left running is doing now (None when it left none)."""
+    with open_store() as store:
+        run = store.get_run(ref)
+        info = left_running(store, run.id)
+        if info is None:
+            return None
+        with _reattached(store, info) as (runtime, handle):
+            status = runtime.poll(handle)
+        return _describe(info, status.state.value, status.exit_code)
+
+
+def follow(ref: str, write: Callable[[bytes], None]) -> DetachedStep | None:
+    """Stream the left-running step's log from where the run's own log stopped, until the step
+    ends; record its exit. None when the run left no step running."""
+    with open_store() as store:
+        run = store.get_run(ref)
+        info = left_running(store, run.id)
+        if info is None:
+            return None
+        with _reattached(store, info) as (runtime, handle):
+            code = runtime.wait(handle, FOLLOW_LIMIT_S, write, offset=int(info["offset"]))
+        store.add_event(run.id, "step.exited", step_dir=info["step_dir"], name=info["name"], exit_code=code)
+        return _describe(info, "exited", code)
+
+
+def stop(ref: str) -> DetachedStep:
+    """SIGTERM the left-running step (SIGKILL after STOP_GRACE_S) and record how it ended."""
+    with open_store() as store:
+        run = store.get_run(ref)
+        info = left_running(store, run.id)
+        if info is None:
+            raise BadInput(f"run {run.id} has no step left running on a host")
+        with _reattached(store, info) as (runtime, handle):
+            code = runtime.stop(handle, grace_s=STOP_GRACE_S)
+        store.add_event(run.id, "step.stopped", step_dir=info["step_dir"], name=info["name"], exit_code=code)
+        return _describe(info, "exited", code)
+
+
+def _describe(info: dict, state: str, exit_code: int | None) -> DetachedStep:
+    login = info["login"]
+    host = f"{login['user']}@{login['host']}:{login['port']}"
+    return DetachedStep(info["name"], host, info["step_dir"], int(info["offset"]), state, exit_code)
