@@ -67,7 +67,7 @@ def submit(tmp_path, monkeypatch):
     monkeypatch.setattr(pipeline, "resolve_image", lambda loaded, log: image)
 
     def run_with(host: FailingHost):
-        monkeypatch.setattr(pipeline, "provider_for", lambda settings: InProcessProvider(host))
+        monkeypatch.setattr(pipeline, "provider_for", lambda settings, **options: InProcessProvider(host))
         return pipeline.submit(spec, tmp_path / "runs", Reporter(quiet=True))
 
     return run_with
