@@ -10,6 +10,7 @@ value from the caller reaches it as a quoted argument or inside a JSON file, nev
 from __future__ import annotations
 
 import json
+import logging
 import re
 import secrets
 from collections.abc import Iterable, Mapping, Sequence
@@ -21,6 +22,8 @@ from runner.errors import BadInput, ProviderFailure
 from runner.layers import ImageLayers, LayerProgress, RemoteLayout, SyncReport, sync_layers
 from runner.remote import RemoteHost
 from runner.steps import DetachedSteps, StepHandle, StepStatus, absolute_folder, step_folder
+
+log = logging.getLogger(__name__)
 
 MARKER = ".runner-unpacked.json"  # written by unpack_layers.py once every layer applied
 GUEST_NVIDIA_LIBS = "/usr/local/nvidia/lib64"  # where NVIDIA's CUDA images look for the driver
@@ -41,6 +44,12 @@ for d in /usr/lib/x86_64-linux-gnu /usr/lib/aarch64-linux-gnu /usr/lib64 /usr/lo
   for f in "$d"/libcuda.so* "$d"/libnvidia-*.so*; do [ -e "$f" ] && echo "file $f"; done
 done
 exit 0"""
+# Installs proot with apt-get, as root or through password-less sudo; says why it cannot.
+_INSTALL_PROOT_SH = """if [ "$(id -u)" = 0 ]; then run=; elif sudo -n true 2>/dev/null; then run="sudo -n"
+else echo "not root, and sudo needs a password" >&2; exit 3; fi
+command -v apt-get >/dev/null 2>&1 || { echo "no apt-get on the host" >&2; exit 3; }
+export DEBIAN_FRONTEND=noninteractive
+$run apt-get update -qq >/dev/null && $run apt-get install -y -qq --no-install-recommends proot >/dev/null"""
 
 
 @dataclass(frozen=True)
@@ -79,15 +88,15 @@ def open_runtime(host: RemoteHost, data_dir: str, wanted: str) -> Runtime:
     rootfs otherwise. Asking for docker on a host without a usable engine is an error."""
     from runner.docker_runtime import DockerRuntime, probe_engine
 
-    if wanted == "rootfs":
-        return RootfsRuntime(host, data_dir)
-    engine = probe_engine(host)
+    engine = None if wanted == "rootfs" else probe_engine(host)
     if engine is not None:
         return DockerRuntime(host, data_dir, engine)
     if wanted == "docker":
         where = host.endpoint.address
         raise ProviderFailure(f"{where} has no Docker engine this login can use (runtime: docker)")
-    return RootfsRuntime(host, data_dir)
+    runtime = RootfsRuntime(host, data_dir)
+    runtime.bootstrap()
+    return runtime
 
 
 class RootfsRuntime(DetachedSteps):
@@ -183,15 +192,39 @@ class RootfsRuntime(DetachedSteps):
         argv += ["-w", "/data", *gpus.proot_args, "/bin/sh", "-c", script]
         return self.launch(step_dir, argv, guest_env(image_config, env, gpus))
 
-    def _host_tools(self) -> tuple[str, GpuBinds]:
-        """proot's path on the host and the GPU binds, probed once per runtime."""
+    def bootstrap(self) -> list[str]:
+        """Install what the host lacks (proot, with apt-get as root or password-less sudo) and
+        say so; return what was done. Done before any layer is sent, so a host that cannot run
+        steps fails fast."""
+        if self._proot() is not None:
+            return []
+        result = self.host.run(["sh", "-c", _INSTALL_PROOT_SH], timeout=900)
+        self._probe = None
+        if result.exit_code != 0 or self._proot() is None:
+            reason = (result.stderr.strip().splitlines() or ["no reason given"])[-1]
+            raise ProviderFailure(
+                f"{self._where()} has no proot and it could not be installed ({reason});"
+                " install it there (apt-get install proot) or use a host with Docker"
+            )
+        done = f"installed proot on {self._where()} with apt-get"
+        log.warning("%s", done)
+        return [done]
+
+    def _proot(self) -> str | None:
+        lines = self._probed().splitlines()
+        return next((line.split(" ", 1)[1] for line in lines if line.startswith("proot ")), None)
+
+    def _probed(self) -> str:
         if self._probe is None:
             self._probe = self._check(self.host.run(["sh", "-c", _PROBE_SH]), "probe the host").stdout
-        lines = self._probe.splitlines()
-        proot = next((line.split(" ", 1)[1] for line in lines if line.startswith("proot ")), None)
+        return self._probe
+
+    def _host_tools(self) -> tuple[str, GpuBinds]:
+        """proot's path on the host and the GPU binds, probed once per runtime."""
+        proot = self._proot()
         if proot is None:
             raise ProviderFailure(f"{self._where()} has no proot; install it (apt-get install proot)")
-        return proot, gpu_binds(lines)
+        return proot, gpu_binds(self._probed().splitlines())
 
 
 def guest_env(image_config: Mapping, env: Mapping[str, str], gpus: GpuBinds) -> dict[str, str]:

@@ -24,6 +24,7 @@ from runner.runtimes import (
     RootfsRuntime,
     gpu_binds,
     guest_env,
+    open_runtime,
 )
 from runner.steps import StepState
 from runner.store import Store
@@ -300,3 +301,28 @@ def test_guest_env_layers_image_step_and_gpu_libraries():
     assert guest_env({}, {}, GpuBinds())["PATH"].endswith("/bin")
     with pytest.raises(BadInput):
         guest_env({}, {"A=B": "c"}, GpuBinds())
+
+
+# -- host bootstrap -----------------------------------------------------------------
+
+
+@integration
+def test_a_host_without_proot_gets_it_installed_and_the_log_says_so(start_host, store, caplog):
+    host = start_host()
+    host.exec("dpkg", "--remove", "proot")
+    with RemoteHost(host.endpoint(), store, retry=FAST) as remote:
+        runtime = open_runtime(remote, DATA_DIR, "auto")
+        assert isinstance(runtime, RootfsRuntime)
+    assert f"installed proot on 127.0.0.1:{host.port} with apt-get" in caplog.text
+    assert host.exec("sh", "-c", "command -v proot").stdout.strip()
+
+
+@integration
+def test_a_login_that_cannot_install_proot_gets_a_clear_error(start_host, store):
+    host = start_host()
+    host.exec("dpkg", "--remove", "proot")
+    endpoint = host.endpoint(user="runner", key_file=None, password=host.password)
+    with RemoteHost(endpoint, store, retry=FAST) as remote, pytest.raises(ProviderFailure) as failure:
+        open_runtime(remote, "/home/runner/data", "auto")
+    expected = "has no proot and it could not be installed (not root, and sudo needs a password)"
+    assert expected in str(failure.value)
