@@ -430,3 +430,27 @@ def test_log_chunks_are_cut_into_lines():
         lines.feed(chunk)
     lines.flush()
     assert seen == ["one", "two", "thr\u00e9e"]
+
+
+@whole_run
+def test_a_recreated_host_is_refused_until_its_new_key_is_accepted(start_host, root_key, image_id, tmp_path):
+    """The first run pins the host key; a host recreated on the same address is refused with both
+    fingerprints, and --accept-new-host-key lets one run through and pins the new key."""
+    from tests.remote.conftest import stop_host
+
+    first = start_host()
+    shutil.copy(root_key.private_file, tmp_path / "id_ed25519")
+    (tmp_path / "records.bin").write_bytes(b"records")
+    target = Target("container", "rootfs", "127.0.0.1", first.port, "/srv/runner-data", Path.exists, bool)
+    spec = write_spec(tmp_path, target, image_id, "ssh-keys", "echo ok > /out/ok", ["/out/ok"])
+    assert submit(tmp_path, spec)[0] == 0
+    stop_host(first)
+    second = start_host(first.port)
+
+    code, payload, stderr = submit(tmp_path, spec)
+    assert code == 2, stderr[-4000:]  # the user has to decide: a refusal, not a provider failure
+    pinned = f"host key for 127.0.0.1:{first.port} changed: pinned ssh-ed25519 {first.host_fingerprint}"
+    assert pinned in payload["error"]
+    assert second.host_fingerprint in payload["error"] and "--accept-new-host-key" in payload["error"]
+    assert submit(tmp_path, spec, "--accept-new-host-key")[0] == 0
+    assert submit(tmp_path, spec)[0] == 0  # the new key is the pinned one now
