@@ -114,7 +114,7 @@ class SshProvider:
         store = open_store()
         try:
             remote = login.connect(store, accept_new_host_key=self.accept_new_host_key)
-            runtime = open_runtime(remote, settings.data_dir, settings.runtime)
+            runtime = open_runtime(remote, settings.data_dir, settings.runtime, settings.limits)
             host = SshHost(run_id, remote, store, settings.data_dir, runtime, login)
             host.make_folders()
         except BaseException:

@@ -20,11 +20,15 @@ import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from runner.errors import BadInput, ProviderFailure
 from runner.layers import ImageLayers, LayerProgress, RemoteLayout, SyncReport, digest_hex, sync_layers
 from runner.remote import RemoteHost
 from runner.steps import DetachedSteps, StepHandle, absolute_folder, step_folder
+
+if TYPE_CHECKING:
+    from runner.spec import StepLimits
 
 RUN_LABEL = "dev.runner.run_dir"
 CONTAINER_HOME = "/tmp"  # the step runs as the login's uid, which may have no home in the image
@@ -98,10 +102,13 @@ class DockerRuntime(DetachedSteps):
 
     name = "docker"
 
-    def __init__(self, host: RemoteHost, data_dir: str, engine: Engine) -> None:
+    def __init__(
+        self, host: RemoteHost, data_dir: str, engine: Engine, limits: StepLimits | None = None
+    ) -> None:
         super().__init__(host, f"{absolute_folder(data_dir)}/runner")
         self.data_dir = absolute_folder(data_dir)
         self.engine = engine
+        self.limits = limits
         self._image: str | None = None
 
     # -- the image ------------------------------------------------------------------
@@ -171,6 +178,10 @@ class DockerRuntime(DetachedSteps):
         argv += ["--init", "--network", "host", "--ipc", "host", "--user", self.engine.user, "-w", "/data"]
         argv += ["-v", f"{folders['data']}:/data", "-v", f"{folders['job']}:/job:ro"]
         argv += ["-v", f"{folders['out']}:/out", "-e", f"HOME={CONTAINER_HOME}"]
+        if self.limits is not None and self.limits.memory:
+            argv += ["--memory", self.limits.memory]
+        if self.limits is not None and self.limits.cpus:
+            argv += ["--cpus", f"{self.limits.cpus:g}"]
         if gpus and self.engine.gpus:
             argv += ["--gpus", "all"]
         argv += [arg for key in env for arg in ("-e", key)]

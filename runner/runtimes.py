@@ -16,12 +16,15 @@ import secrets
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import PurePosixPath
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from runner.errors import BadInput, ProviderFailure
 from runner.layers import ImageLayers, LayerProgress, RemoteLayout, SyncReport, sync_layers
 from runner.remote import RemoteHost
 from runner.steps import DetachedSteps, StepHandle, StepStatus, absolute_folder, step_folder
+
+if TYPE_CHECKING:
+    from runner.spec import StepLimits
 
 log = logging.getLogger(__name__)
 
@@ -83,14 +86,17 @@ class Runtime(Protocol):
         """Remove what the run's steps left on the host besides its folder."""
 
 
-def open_runtime(host: RemoteHost, data_dir: str, wanted: str) -> Runtime:
+def open_runtime(host: RemoteHost, data_dir: str, wanted: str, limits: StepLimits | None = None) -> Runtime:
     """The runtime to use: docker when asked or, for `auto`, when the login can use an engine;
-    rootfs otherwise. Asking for docker on a host without a usable engine is an error."""
+    rootfs otherwise. Asking for docker on a host without a usable engine is an error; limits
+    (memory, cpus) apply to docker steps and are reported as not enforced under rootfs."""
     from runner.docker_runtime import DockerRuntime, probe_engine
 
     engine = None if wanted == "rootfs" else probe_engine(host)
     if engine is not None:
-        return DockerRuntime(host, data_dir, engine)
+        return DockerRuntime(host, data_dir, engine, limits)
+    if limits is not None and (limits.memory or limits.cpus):
+        log.warning("limits are not enforced on %s: the rootfs runtime has no cgroups", host.endpoint.address)
     if wanted == "docker":
         where = host.endpoint.address
         raise ProviderFailure(f"{where} has no Docker engine this login can use (runtime: docker)")

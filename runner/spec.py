@@ -112,6 +112,13 @@ def _remote_dir(value: str) -> str:
     return norm
 
 
+class StepLimits(Strict):
+    """Caps for each step's container (the docker runtime; proot cannot enforce them)."""
+
+    memory: Annotated[str, _matching(r"[1-9][0-9]{0,5}[mg]", "a size like 48g or 512m")] | None = None
+    cpus: Annotated[float, Field(gt=0, le=1024)] | None = None
+
+
 class SshProvider(Strict):
     """A host you already have, reached by SSH; there is no instance to create or power-cycle."""
 
@@ -123,6 +130,7 @@ class SshProvider(Strict):
     password_env: EnvName | None = None
     data_dir: Annotated[str, AfterValidator(_remote_dir)] = "/root/runner-data"
     runtime: Literal["auto", "docker", "rootfs"] = "auto"
+    limits: StepLimits = StepLimits()
     _key_path: Path | None = PrivateAttr(default=None)  # key_file resolved against the spec's folder
 
     @field_validator("key_file")

@@ -4,6 +4,7 @@ the layer cache, only missing layers sent, steps detached as `docker run`, stopp
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -175,3 +176,23 @@ def test_probe_lines_say_engine_store_user_and_gpus():
 )
 def test_engine_chain_is_the_longest_shared_prefix(engine, expected):
     assert engine_chain(("sha256:a", "sha256:b", "sha256:c"), engine) == expected
+
+
+@integration
+def test_limits_cap_the_step_container(vm_host, store, data_dir, loaded):
+    from runner.spec import StepLimits
+
+    layers, _ = loaded["first"]
+    with connect(vm_host, store) as host:
+        runtime = open_runtime(host, data_dir, "docker", StepLimits(memory="256m", cpus=0.5))
+        runtime.prepare_image(layers)
+        handle = runtime.start_step(f"{data_dir}/runs/limits", "01-limits", "sleep 60", {}, gpus=0)
+        try:
+            inspect = ["inspect", "--format", "{{.HostConfig.Memory}} {{.HostConfig.NanoCpus}}"]
+            deadline = time.monotonic() + 30
+            while (found := vm_host.docker(*inspect, container_name(handle.step_dir))).returncode:
+                assert time.monotonic() < deadline, found.stderr
+                time.sleep(0.2)
+            assert found.stdout.split() == ["268435456", "500000000"]
+        finally:
+            runtime.stop(handle, grace_s=5)
