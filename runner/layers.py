@@ -23,8 +23,9 @@ import shutil
 import tarfile
 import tempfile
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from enum import Enum
 from pathlib import Path
@@ -43,6 +44,7 @@ LayerProgress = Callable[[str, int, int], None]  # (diffID, bytes done, bytes to
 # Fixed levels: the same input then always compresses to the same bytes (with the same library),
 # so the prefix a dropped upload left on the remote stays valid for the next attempt.
 GZIP_LEVEL = 6
+GZIP_BLOCK = 16 << 20  # gzip is compressed in blocks of this size, each a gzip member, on all cores
 ZSTD_LEVEL = 3
 
 _DIGEST = re.compile(r"sha256:([0-9a-f]{64})")
@@ -291,18 +293,20 @@ class _ChunkStream(io.RawIOBase):
 
 def compress_layer(cache: LayerCache, diff_id: str, codec: Codec) -> Path:
     """The layer compressed for transfer, beside it in the cache; made once, atomically, and
-    deterministic (fixed level, no name or time in the gzip header)."""
+    deterministic (fixed level and block size, no name or time in the gzip headers)."""
     target = cache.compressed(diff_id, codec)
     if target.is_file():
         return target
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     try:
-        with (
-            cache.layer(diff_id).open("rb") as reader,
-            os.fdopen(fd, "wb") as raw,
-            _compressor(codec, raw) as writer,
-        ):
-            shutil.copyfileobj(reader, writer, CHUNK)
+        with cache.layer(diff_id).open("rb") as reader, os.fdopen(fd, "wb") as raw:
+            if codec is Codec.ZSTD:
+                import zstandard
+
+                with zstandard.ZstdCompressor(level=ZSTD_LEVEL).stream_writer(raw, closefd=False) as writer:
+                    shutil.copyfileobj(reader, writer, CHUNK)
+            else:
+                _gzip_blocks(reader, raw)
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -310,16 +314,19 @@ def compress_layer(cache: LayerCache, diff_id: str, codec: Codec) -> Path:
     return target
 
 
-@contextmanager
-def _compressor(codec: Codec, raw: IO[bytes]) -> Iterator[IO[bytes]]:
-    if codec is Codec.ZSTD:
-        import zstandard
-
-        with zstandard.ZstdCompressor(level=ZSTD_LEVEL).stream_writer(raw, closefd=False) as writer:
-            yield writer
-    else:
-        with gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=GZIP_LEVEL, mtime=0) as writer:
-            yield writer
+def _gzip_blocks(reader: IO[bytes], writer: IO[bytes]) -> None:
+    """gzip on every core, as pigz does: each GZIP_BLOCK of input becomes a gzip member of its
+    own (gzip readers take concatenated members), compressed in a thread (zlib drops the GIL),
+    written in order."""
+    workers = os.cpu_count() or 1
+    pending: deque[Future[bytes]] = deque()
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="gzip") as pool:
+        while block := reader.read(GZIP_BLOCK):
+            pending.append(pool.submit(gzip.compress, block, GZIP_LEVEL, mtime=0))
+            if len(pending) > 2 * workers:
+                writer.write(pending.popleft().result())
+        while pending:
+            writer.write(pending.popleft().result())
 
 
 # -- the remote cache and the plan ----------------------------------------------------------
@@ -469,7 +476,16 @@ def sync_layers(
         present = {d for d in present if verify_remote_layer(host, layout.data_dir, d)}
     present |= set(image.diff_ids) - wanted
     plan = plan_sync(image, present)
-    sent = sum(_send_layer(host, image, layout, entry, choice, progress) for entry in plan.send)
+    # Compression runs ahead in a thread (zlib and zstd release the GIL) while uploads go out.
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compress")
+    try:
+        packed = [pool.submit(compress_layer, image.cache, e.diff_id, choice.codec) for e in plan.send]
+        sent = sum(
+            _send_layer(host, layout, entry, future.result(), choice, progress)
+            for entry, future in zip(plan.send, packed, strict=True)
+        )
+    finally:
+        pool.shutdown(cancel_futures=True)
     sent += _send_image_files(host, image, layout)
     return SyncReport(
         image_id=image.image_id,
@@ -484,14 +500,14 @@ def sync_layers(
 
 def _send_layer(
     host: RemoteHost,
-    image: ImageLayers,
     layout: RemoteLayout,
     entry: LayerEntry,
+    packed: Path,
     choice: CodecChoice,
     progress: LayerProgress | None,
 ) -> int:
-    """Compress, upload (resumable, verified), decompress and verify on the host; bytes sent."""
-    packed = compress_layer(image.cache, entry.diff_id, choice.codec)
+    """Upload the compressed layer (resumable, verified), decompress and verify it on the host;
+    return the bytes sent."""
     upload = layout.upload(entry.diff_id, choice.codec)
     report = None if progress is None else (lambda done, total: progress(entry.diff_id, done, total))
     transfer = host.put(packed, upload, progress=report)

@@ -19,7 +19,7 @@ from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, Protocol
 
 from runner.errors import BadInput, ProviderFailure
-from runner.layers import ImageLayers, LayerProgress, RemoteLayout, SyncReport, sync_layers
+from runner.layers import ImageLayers, LayerProgress, RemoteLayout, SyncReport, digest_hex, sync_layers
 from runner.remote import RemoteHost
 from runner.steps import DetachedSteps, StepHandle, StepStatus, absolute_folder, step_folder
 
@@ -117,10 +117,12 @@ class RootfsRuntime(DetachedSteps):
         self._prepared: tuple[str, dict] | None = None  # the rootfs and the image config
 
     def prepare_image(self, layers: ImageLayers, progress: LayerProgress | None = None) -> SyncReport:
-        """Send the layers the host's cache lacks, then unpack them (unless already unpacked)."""
+        """Send the layers the host's cache lacks, then unpack them (unless already unpacked).
+        The cache's files are named by their diffIDs, verified on receipt, so not hashed again."""
         report = sync_layers(self.host, layers, self.data_dir, progress)
         layout = RemoteLayout.at(self.data_dir)
-        rootfs = self.prepare(layers.image_id, [layout.layer(d) for d in layers.diff_ids])
+        tars = [layout.layer(d) for d in layers.diff_ids]
+        rootfs = self.prepare(layers.image_id, tars, [digest_hex(d) for d in layers.diff_ids])
         self._prepared = (rootfs, json.loads(layers.config))
         return report
 
@@ -137,8 +139,15 @@ class RootfsRuntime(DetachedSteps):
 
     # -- the root file system -----------------------------------------------------
 
-    def prepare(self, image_id: str, layer_tars: Sequence[str], timeout: float = 3600.0) -> str:
+    def prepare(
+        self,
+        image_id: str,
+        layer_tars: Sequence[str],
+        digests: Sequence[str] | None = None,
+        timeout: float = 3600.0,
+    ) -> str:
         """The image's rootfs on the host, unpacked from its layer tars unless already there.
+        digests (sha256 hex of each tar) are trusted when given; otherwise the tars are hashed.
 
         A rootfs is reused only if its marker lists exactly these layers' digests; anything
         else under its name (an interrupted or different unpack) is removed first. Unpacking
@@ -148,14 +157,21 @@ class RootfsRuntime(DetachedSteps):
         tars = [absolute_folder(path) for path in layer_tars]
         if not tars:
             raise BadInput(f"no layers given for image {image_id}")
-        digests = [self.host.sha256(path, timeout=timeout) for path in tars]
+        if digests is None:
+            digests = [self.host.sha256(path, timeout=timeout) for path in tars]
+        digests = list(digests)
         if self._unpacked_layers(root) == digests:
             return root
         self._check(self.host.run(["sh", "-c", _REMOVE_SH, "sh", root], timeout=timeout), f"remove {root}")
         unpacker = self._ship("unpack_layers.py")
         tmp = f"{root}.tmp-{secrets.token_hex(4)}"
         argv = ["python3", unpacker, "--rootfs", tmp, "--json"]
-        result = self.host.run(argv + [arg for path in tars for arg in ("--layer", path)], timeout=timeout)
+        argv += [
+            arg
+            for path, digest in zip(tars, digests, strict=True)
+            for arg in ("--layer", path, "--digest", digest)
+        ]
+        result = self.host.run(argv, timeout=timeout)
         if result.exit_code != 0:
             self.host.run(["sh", "-c", _REMOVE_SH, "sh", tmp], timeout=timeout)
             error = BadInput if result.exit_code == 2 else ProviderFailure

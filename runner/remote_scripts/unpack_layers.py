@@ -205,9 +205,10 @@ def skipped_as(kind: str, m: tarfile.TarInfo, skipped: list) -> str | None:
     return None
 
 
-def apply_layer(root: str, layer: str, skipped: list) -> dict:
-    """Apply one layer tar; whiteouts first, then entries in tar order."""
-    report = {"path": layer, "sha256": sha256_of(layer), "members": 0, "whiteouts": 0}
+def apply_layer(root: str, layer: str, skipped: list, digest: str | None = None) -> dict:
+    """Apply one layer tar; whiteouts first, then entries in tar order. digest, when the caller
+    knows it (a cache file named by its verified digest), saves hashing the tar again."""
+    report = {"path": layer, "sha256": digest or sha256_of(layer), "members": 0, "whiteouts": 0}
     with tarfile.open(layer, "r:") as tar:
         members = [(m,) + classify(m) for m in tar.getmembers()]  # every path checked before any write
         applier = Applier(root, tar)
@@ -236,16 +237,16 @@ def write_marker(root: str, digests: list) -> None:
     os.replace(tmp, os.path.join(root, MARKER))
 
 
-def unpack(root: str, layers: list) -> dict:
+def unpack(root: str, layers: list, digests: list | None = None) -> dict:
     os.makedirs(root, exist_ok=True)
     root = os.path.realpath(root)
     for name in (MARKER, MARKER + ".tmp"):
         if os.path.lexists(os.path.join(root, name)):
             remove(os.path.join(root, name))
     reports, skipped = [], []
-    for layer in layers:
+    for index, layer in enumerate(layers):
         try:
-            reports.append(apply_layer(root, layer, skipped))
+            reports.append(apply_layer(root, layer, skipped, digests[index] if digests else None))
         except (Refused, OSError, tarfile.TarError) as e:
             e.layer = layer
             raise
@@ -257,10 +258,13 @@ def main(argv: list | None = None) -> int:
     parser = argparse.ArgumentParser(prog="unpack_layers.py", description=__doc__.split("\n")[0])
     parser.add_argument("--rootfs", required=True, help="target folder, created if missing")
     parser.add_argument("--layer", action="append", required=True, help="uncompressed layer tar, in order")
+    parser.add_argument("--digest", action="append", help="each layer's known sha256 hex, in order")
     parser.add_argument("--json", action="store_true", help="print a JSON report on stdout")
     args = parser.parse_args(argv)
+    if args.digest and len(args.digest) != len(args.layer):
+        parser.error("give one --digest per --layer, or none")
     try:
-        result = unpack(args.rootfs, args.layer)
+        result = unpack(args.rootfs, args.layer, args.digest)
     except Refused as e:
         print(f"error: {getattr(e, 'layer', '?')}: {e}", file=sys.stderr)
         return 2

@@ -6,6 +6,7 @@ import gzip
 import hashlib
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -266,3 +267,22 @@ def test_importing_the_module_loads_no_sdk():
         ).stdout.split()
     )
     assert not loaded & {"docker", "paramiko", "zstandard", "requests"}
+
+
+def test_gzip_in_blocks_is_deterministic_and_the_receiver_reads_every_member(tmp_path, monkeypatch):
+    """Blocks compressed on several threads come out in order, as concatenated gzip members."""
+    import runner.layers
+
+    monkeypatch.setattr(runner.layers, "GZIP_BLOCK", 64 << 10)
+    layer = layer_tar(a=os.urandom(300_000) + bytes(700_000))
+    diff_id = digest(layer)
+    cache = LayerCache(tmp_path / "cache")
+    cache.layer(diff_id).parent.mkdir(parents=True)
+    cache.layer(diff_id).write_bytes(layer)
+    packed = compress_layer(cache, diff_id, Codec.GZIP).read_bytes()
+    assert packed.count(b"\x1f\x8b\x08") >= len(layer) // (64 << 10)  # one member per block
+    cache.compressed(diff_id, Codec.GZIP).unlink()
+    assert compress_layer(cache, diff_id, Codec.GZIP).read_bytes() == packed
+    done = _receive(tmp_path, packed, diff_id[7:])
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "x.tar").read_bytes() == layer

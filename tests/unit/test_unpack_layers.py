@@ -300,3 +300,18 @@ def test_script_is_standalone_for_python_3_8():
     }
     imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     assert imported <= set(sys.stdlib_module_names) | {"__future__"}, imported
+
+
+def test_known_digests_go_to_the_marker_unhashed_and_must_match_the_layer_count(tmp_path, rootfs):
+    first, second = layer(tmp_path, "one", f("a")), layer(tmp_path, "two", f("b"))
+    known = ["1" * 64, "2" * 64]
+    args = ["--rootfs", str(rootfs), "--json", "--layer", str(first), "--digest", known[0]]
+    done = subprocess.run(
+        [PYTHON, str(SCRIPT), *args, "--layer", str(second), "--digest", known[1]],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert [r["sha256"] for r in report(done)["layers"]] == known
+    assert json.loads((rootfs / ".runner-unpacked.json").read_text()) == {"layers": known}
+    argv = [PYTHON, str(SCRIPT), *args, "--layer", str(second)]
+    short = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert short.returncode == 2 and "give one --digest per --layer" in short.stderr
