@@ -9,6 +9,7 @@ skipped visibly instead of failing half-way.
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,3 +92,69 @@ class Provider(Protocol):
 
     def open_host(self, run_id: str) -> Host:
         """The host for this run (for local and ssh providers, the one machine there is)."""
+
+
+# -- rented instances ------------------------------------------------------------------
+
+
+class PowerMode(str, enum.Enum):
+    """How an instance boots: without its GPU (cheap, for set-up) or with it (for training)."""
+
+    CPU = "cpu"
+    GPU = "gpu"
+
+
+class InstanceState(str, enum.Enum):
+    CREATING = "creating"
+    STARTING = "starting"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    RELEASED = "released"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class SshAccess:
+    """How to log in to a running instance; on AutoDL host, port and password may change
+    after every power cycle, so this is read again after each boot."""
+
+    host: str
+    port: int
+    user: str = "root"
+    password: str | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class Instance:
+    """What describe() tells: state, the mode it runs in, how to reach it, what each mode costs."""
+
+    id: str
+    state: InstanceState
+    mode: PowerMode | None = None  # None unless running or starting
+    ssh: SshAccess | None = None  # None unless running
+    price_per_hour: dict[PowerMode, float] = field(default_factory=dict)
+    currency: str = "CNY"
+    name: str = ""
+
+
+class InstanceApi(Protocol):
+    """A cloud's instance lifecycle, as the pipeline needs it. Methods raise the typed errors of
+    runner.errors (NoCapacity, AuthFailed, InsufficientBalance, InstanceNotFound, Transient;
+    ProviderFailure with the provider's own message otherwise)."""
+
+    def create(self, name: str) -> Instance:
+        """A new instance, powered off or on as the cloud creates it."""
+
+    def describe(self, instance_id: str) -> Instance: ...
+
+    def power_on(self, instance_id: str, mode: PowerMode) -> None:
+        """Ask for a boot in mode; returns once the request is accepted (poll describe)."""
+
+    def power_off(self, instance_id: str) -> None: ...
+
+    def release(self, instance_id: str) -> None:
+        """Delete the instance and its disks (it must be powered off)."""
+
+    def balance(self) -> float | None:
+        """The account's balance in the instance's currency, None where the cloud has none."""

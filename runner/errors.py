@@ -54,3 +54,26 @@ class BudgetExceeded(RunnerError):
     """A budget refused or stopped the run."""
 
     exit_code = EXIT_BUDGET
+
+
+# -- what a provider's API can answer; the pipeline acts on the type ----------------------
+
+
+class NoCapacity(ProviderFailure):
+    """The cloud has no free GPU (or instance capacity) for this boot right now; try later."""
+
+
+class AuthFailed(ProviderFailure):
+    """The provider refused the credentials (a wrong or expired token)."""
+
+
+class InsufficientBalance(ProviderFailure):
+    """The account's balance cannot pay for what was asked."""
+
+
+class InstanceNotFound(ProviderFailure):
+    """The instance named does not exist (any more)."""
+
+
+class Transient(ProviderFailure):
+    """A failure worth retrying as is: a timeout, HTTP 5xx, a dropped connection."""
