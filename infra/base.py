@@ -13,7 +13,10 @@ import enum
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from infra.instances import BootPolicy
 
 OutputSink = Callable[[str], None]
 
@@ -85,13 +88,15 @@ class Host(Protocol):
 
 
 class Provider(Protocol):
-    """A place to run jobs. Lifecycle verbs arrive with the providers that need them."""
+    """A place to run jobs. Providers with instances (capabilities.instances) also have the
+    members of InstanceProvider."""
 
     type: str
     capabilities: Capabilities
 
-    def open_host(self, run_id: str) -> Host:
-        """The host for this run (for local and ssh providers, the one machine there is)."""
+    def open_host(self, run_id: str, instance: Instance | None = None) -> Host:
+        """The host for this run: for local and ssh providers the one machine there is, for the
+        others the given running instance."""
 
 
 # -- rented instances ------------------------------------------------------------------
@@ -158,3 +163,11 @@ class InstanceApi(Protocol):
 
     def balance(self) -> float | None:
         """The account's balance in the instance's currency, None where the cloud has none."""
+
+
+class InstanceProvider(Provider, Protocol):
+    api: InstanceApi
+    boot_policy: BootPolicy
+
+    def instance_for(self, run_id: str) -> tuple[str, bool]:
+        """The instance the run uses, and whether it was created for it."""

@@ -11,7 +11,7 @@ import os
 import shutil
 from pathlib import Path
 
-from infra.base import Capabilities, ContainerRun, FetchedFile, OutputSink, Workspace
+from infra.base import Capabilities, ContainerRun, FetchedFile, Instance, OutputSink, Workspace
 from runner.errors import ProviderFailure, RunFailed
 from runner.home import private_dir, runner_home
 from runner.images import docker_client, engine_errors
@@ -24,7 +24,7 @@ class LocalProvider:
     type = "local"
     capabilities = Capabilities(instances=False, power_modes=False)
 
-    def open_host(self, run_id: str) -> LocalHost:
+    def open_host(self, run_id: str, instance: Instance | None = None) -> LocalHost:
         root = private_dir(private_dir(runner_home() / "work") / run_id)
         workspace = Workspace(data=root / "data", job=root / "job", out=root / "out")
         for folder in (workspace.data, workspace.job, workspace.out):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from infra.autodl import AutodlProvider
 from infra.base import Provider
 from infra.local import LocalProvider
 from infra.ssh import SshProvider
@@ -13,6 +14,8 @@ from infra.ssh import SshProvider
 PROVIDERS: dict[str, Callable[..., Provider]] = {
     "local": lambda settings, accept_new_host_key: LocalProvider(),
     "ssh": SshProvider,
+    "autodl": AutodlProvider,
+    "emulator": AutodlProvider,
 }
 
 

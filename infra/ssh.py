@@ -13,7 +13,6 @@ verified against it; links and special files are refused, never followed.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import posixpath
 import re
@@ -22,19 +21,18 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from infra.base import Capabilities, ContainerRun, FetchedFile, OutputSink
+from infra.base import Capabilities, ContainerRun, FetchedFile, Instance, OutputSink
 from runner.errors import BadInput, ProviderFailure, RunFailed
 from runner.remote import Endpoint, RemoteHost, check_remote_path
 
 if TYPE_CHECKING:
     from runner.runtimes import Runtime
     from runner.spec import SshProvider as SshSettings
+    from runner.spec import StepLimits
     from runner.steps import StepHandle
     from runner.store import Store
 
-log = logging.getLogger(__name__)
 
-STOP_GRACE_S = 30
 STEP_TIMEOUT_S = 14 * 24 * 3600  # a bound for the wait loop, far above any training run
 OUT_ROOT = "/out"
 MANIFEST_NAME = "outputs-manifest.json"
@@ -104,23 +102,46 @@ class SshProvider:
         self.settings = settings
         self.accept_new_host_key = accept_new_host_key
 
-    def open_host(self, run_id: str) -> SshHost:
+    def open_host(self, run_id: str, instance: Instance | None = None) -> SshHost:
         """Log in (the password, if any, is read from its variable now) and make the run's folders."""
-        from runner.runtimes import open_runtime
-        from runner.store import open_store
-
         settings = self.settings
         login = Login(settings.host, settings.port, settings.user, settings.key_path, settings.password_env)
-        store = open_store()
-        try:
-            remote = login.connect(store, accept_new_host_key=self.accept_new_host_key)
-            runtime = open_runtime(remote, settings.data_dir, settings.runtime, settings.limits)
-            host = SshHost(run_id, remote, store, settings.data_dir, runtime, login)
-            host.make_folders()
-        except BaseException:
-            store.close()
-            raise
-        return host
+        return open_ssh_host(
+            run_id,
+            login,
+            login.endpoint(),
+            settings.data_dir,
+            settings.runtime,
+            settings.limits,
+            accept_new_host_key=self.accept_new_host_key,
+        )
+
+
+def open_ssh_host(
+    run_id: str,
+    login: Login,
+    endpoint: Endpoint,
+    data_dir: str,
+    runtime: str,
+    limits: StepLimits | None,
+    *,
+    accept_new_host_key: bool = False,
+) -> SshHost:
+    """Connect, pick the runtime and make the run's folders: the host for one run, on any machine
+    reached by SSH (a host of the ssh provider, or a rented instance once it is up)."""
+    from runner.runtimes import open_runtime
+    from runner.store import open_store
+
+    store = open_store()
+    try:
+        remote = RemoteHost(endpoint, store, accept_new_host_key=accept_new_host_key)
+        chosen = open_runtime(remote, data_dir, runtime, limits)
+        host = SshHost(run_id, remote, store, data_dir, chosen, login)
+        host.make_folders()
+    except BaseException:
+        store.close()
+        raise
+    return host
 
 
 @dataclass(frozen=True)
@@ -133,14 +154,17 @@ class Login:
     key_file: Path | None
     password_env: str | None
 
-    def connect(self, store: Store, *, accept_new_host_key: bool = False) -> RemoteHost:
+    def endpoint(self) -> Endpoint:
+        """Where to log in now, the password (if any) read from its variable at this moment."""
         password = None
         if self.password_env is not None:
             password = os.environ.get(self.password_env)
             if password is None:
                 raise BadInput(f"the SSH password variable {self.password_env} is not set")
-        endpoint = Endpoint(self.host, self.port, self.user, self.key_file, password)
-        return RemoteHost(endpoint, store, accept_new_host_key=accept_new_host_key)
+        return Endpoint(self.host, self.port, self.user, self.key_file, password)
+
+    def connect(self, store: Store, *, accept_new_host_key: bool = False) -> RemoteHost:
+        return RemoteHost(self.endpoint(), store, accept_new_host_key=accept_new_host_key)
 
     def to_dict(self) -> dict:
         return {**asdict(self), "key_file": None if self.key_file is None else str(self.key_file)}

@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from infra.base import ContainerRun, Host, Provider
+from infra import instances
+from infra.base import ContainerRun, Host, Instance, PowerMode, Provider
 from infra.registry import provider_for
 from runner import manifest
 from runner.console import Reporter
@@ -47,6 +48,8 @@ class RunContext:
     provider: Provider
     reporter: Reporter
     host: Host | None = None
+    instance_id: str | None = None  # the rented instance, once acquired
+    instance_created: bool = False
     image: ResolvedImage | None = None
     inputs: list[InputRecord] = field(default_factory=list)
     artifacts: list[Artifact] = field(default_factory=list)
@@ -148,7 +151,7 @@ def _execute(ctx: RunContext) -> RunResult:
         phases = store.phases(run.id)
         manifest.write(ctx, run, phases)
     ctx.reporter.phase("run", status, error or "")
-    if any(event.kind == "step.detached" for event in store.events(run.id)):
+    if ctx.instance_id is None and any(event.kind == "step.detached" for event in store.events(run.id)):
         ctx.reporter.info(
             f"the step keeps running on its host: `runner logs {run.id} -f` follows it,"
             f" `runner stop {run.id}` stops it"
@@ -259,12 +262,35 @@ def _plan(ctx: RunContext) -> None:
 
 
 def _provision(ctx: RunContext) -> None:
-    raise RunFailed(f"provider {ctx.provider.type} cannot create instances yet")
+    """Get the instance (the spec's, or a new one) and boot it for set-up: without its GPU
+    where the provider can, so downloads, conversions and image transfers never run at GPU prices."""
+    provider = ctx.provider
+    ctx.instance_id, ctx.instance_created = provider.instance_for(ctx.run.id)
+    ctx.store.add_event(ctx.run.id, "instance.acquired", id=ctx.instance_id, created=ctx.instance_created)
+    mode = PowerMode.CPU if provider.capabilities.power_modes else PowerMode.GPU
+    if mode is PowerMode.GPU:
+        ctx.reporter.warn(f"{provider.type} instances boot with their GPU only: set-up runs at GPU prices")
+    ctx.host = provider.open_host(ctx.run.id, _boot(ctx, mode))
+
+
+def _boot(ctx: RunContext, mode: PowerMode) -> Instance:
+    provider = ctx.provider
+    ctx.reporter.info(f"booting {ctx.instance_id} ({mode.value} mode)")
+    instance = instances.boot(provider.api, ctx.instance_id, mode, provider.boot_policy, ctx.reporter.info)
+    ctx.store.add_event(ctx.run.id, "instance.powered_on", id=ctx.instance_id, mode=mode.value)
+    return instance
+
+
+def _power_off(ctx: RunContext) -> None:
+    instances.shut(ctx.provider.api, ctx.instance_id, ctx.provider.boot_policy)
+    ctx.store.add_event(ctx.run.id, "instance.powered_off", id=ctx.instance_id)
 
 
 def _stage(ctx: RunContext) -> None:
-    """Open the host, ship the image, inputs and job files, then run the setup steps."""
-    ctx.host = ctx.provider.open_host(ctx.run.id)
+    """Ship the image, inputs and job files to the host (opened here unless provision did), then
+    run the setup steps."""
+    if ctx.host is None:
+        ctx.host = ctx.provider.open_host(ctx.run.id)
     ctx.host.ensure_image(ctx.image.image.id)
     ctx.host.put_job_file("job.yaml", ctx.loaded.text.encode("utf-8"))
     resolved = ctx.loaded.spec.model_dump(mode="json")
@@ -285,7 +311,13 @@ def _stage(ctx: RunContext) -> None:
 
 
 def _boot_gpu(ctx: RunContext) -> None:
-    raise RunFailed(f"provider {ctx.provider.type} cannot switch to a GPU boot yet")
+    """Power off after set-up and boot again with the GPU; the run's files stay on the data disk.
+    No GPU free: the instance stays off while the boot is retried (infra.instances.boot)."""
+    host, ctx.host = ctx.host, None
+    host.close(keep_workspace=True)
+    _power_off(ctx)
+    ctx.host = ctx.provider.open_host(ctx.run.id, _boot(ctx, PowerMode.GPU))
+    ctx.host.ensure_image(ctx.image.image.id)  # finds everything in place: nothing is sent
 
 
 def _train(ctx: RunContext) -> None:
@@ -331,11 +363,28 @@ def _collect_metrics(ctx: RunContext, artifacts_dir: Path) -> None:
 
 
 def _teardown(ctx: RunContext) -> None:
-    if ctx.host is None:
+    """Close the host, then end the instance's billing, whatever happened before."""
+    try:
+        if ctx.host is not None:
+            ctx.host.close(keep_workspace=ctx.failed)
+            if ctx.failed:
+                ctx.reporter.info("the run's work folder was kept for inspection")
+    finally:
+        if ctx.instance_id is not None:
+            _end_instance(ctx)
+
+
+def _end_instance(ctx: RunContext) -> None:
+    """The spec's shutdown policy: stop (default), release (only an instance made for this run,
+    and only after it is off), or keep it running."""
+    after = ctx.loaded.spec.shutdown.after
+    if after == "keep":
+        ctx.reporter.warn(f"instance {ctx.instance_id} is left running (shutdown.after: keep): it is billed")
         return
-    ctx.host.close(keep_workspace=ctx.failed)
-    if ctx.failed:
-        ctx.reporter.info("the run's work folder was kept for inspection")
+    _power_off(ctx)
+    if after == "release" and ctx.instance_created:
+        ctx.provider.api.release(ctx.instance_id)
+        ctx.store.add_event(ctx.run.id, "instance.released", id=ctx.instance_id)
 
 
 def _secret_values(names: tuple[str, ...]) -> dict[str, str]:

@@ -75,10 +75,17 @@ class Endpoint:
     user: str = "root"
     key_file: Path | None = None
     password: str | None = field(default=None, repr=False)
+    pin_as: str | None = None  # the name its host key is pinned under, when host:port is not stable
 
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
+
+    @property
+    def pin_key(self) -> tuple[str, int]:
+        """Rented instances get a new port (even a new host) after each boot but keep their
+        host key: those are pinned under the instance's name (port 0), not host:port."""
+        return (self.pin_as, 0) if self.pin_as else (self.host, self.port)
 
 
 @dataclass(frozen=True)
@@ -169,7 +176,7 @@ class PinnedHostKeyPolicy:
         self._accept_new = accept_new
 
     def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey) -> None:
-        host, port, address = self._endpoint.host, self._endpoint.port, self._endpoint.address
+        (host, port), address = self._endpoint.pin_key, self._endpoint.address
         offered = (key.get_name(), key.fingerprint)
         pinned = self._store.host_key(host, port)
         if pinned is None:

@@ -119,19 +119,11 @@ class StepLimits(Strict):
     cpus: Annotated[float, Field(gt=0, le=1024)] | None = None
 
 
-class SshProvider(Strict):
-    """A host you already have, reached by SSH; there is no instance to create or power-cycle."""
+class _KeyLogin(Strict):
+    """An optional SSH key file, checked to exist and resolved against the spec's folder."""
 
-    type: Literal["ssh"]
-    host: HostName
-    port: Annotated[int, Field(ge=1, le=65535)] = 22
-    user: UserName = "root"
     key_file: str | None = None
-    password_env: EnvName | None = None
-    data_dir: Annotated[str, AfterValidator(_remote_dir)] = "/root/runner-data"
-    runtime: Literal["auto", "docker", "rootfs"] = "auto"
-    limits: StepLimits = StepLimits()
-    _key_path: Path | None = PrivateAttr(default=None)  # key_file resolved against the spec's folder
+    _key_path: Path | None = PrivateAttr(default=None)
 
     @field_validator("key_file")
     @classmethod
@@ -141,9 +133,7 @@ class SshProvider(Strict):
         return value
 
     @model_validator(mode="after")
-    def _one_way_to_log_in(self, info: ValidationInfo) -> SshProvider:
-        if (self.key_file is None) == (self.password_env is None):
-            raise ValueError("give exactly one of 'key_file' or 'password_env'")
+    def _resolve_key(self, info: ValidationInfo) -> _KeyLogin:
         if self.key_file is not None:
             self._key_path = (_base_dir(info) / self.key_file).resolve()
         return self
@@ -154,8 +144,85 @@ class SshProvider(Strict):
         return self._key_path
 
 
-PROVIDER_TYPES = ("local", "ssh")
-ProviderSettings = Annotated[LocalProvider | SshProvider, Field(discriminator="type")]
+class SshProvider(_KeyLogin):
+    """A host you already have, reached by SSH; there is no instance to create or power-cycle."""
+
+    type: Literal["ssh"]
+    host: HostName
+    port: Annotated[int, Field(ge=1, le=65535)] = 22
+    user: UserName = "root"
+    password_env: EnvName | None = None
+    data_dir: Annotated[str, AfterValidator(_remote_dir)] = "/root/runner-data"
+    runtime: Literal["auto", "docker", "rootfs"] = "auto"
+    limits: StepLimits = StepLimits()
+
+    @model_validator(mode="after")
+    def _one_way_to_log_in(self) -> SshProvider:
+        if (self.key_file is None) == (self.password_env is None):
+            raise ValueError("give exactly one of 'key_file' or 'password_env'")
+        return self
+
+
+InstanceId = Annotated[str, _matching(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}", "an instance ID like 3a8f0c1e2b")]
+Seconds = Annotated[float, Field(gt=0, le=7 * 24 * 3600)]
+
+
+class _RentedInstance(_KeyLogin):
+    """What every AutoDL-style provider shares: which instance, where data lives, how long to wait."""
+
+    instance: InstanceId | None = None
+    data_dir: Annotated[str, AfterValidator(_remote_dir)] = "/root/autodl-tmp"
+    runtime: Literal["auto", "docker", "rootfs"] = "auto"
+    limits: StepLimits = StepLimits()
+    boot_timeout_s: Seconds = 600
+    gpu_wait_s: Seconds = 1800
+
+
+class AutodlCreate(Strict):
+    """A new instance's settings: `image` for an ordinary (console) instance; the rest for Pro."""
+
+    image: str | None = None
+    gpu_spec_uuid: str | None = None
+    image_uuid: str | None = None
+    data_center_list: tuple[str, ...] = ()
+    req_gpu_amount: Annotated[int, Field(ge=1, le=8)] = 1
+
+    def pro_body(self) -> dict:
+        body = {"gpu_spec_uuid": self.gpu_spec_uuid, "image_uuid": self.image_uuid}
+        body |= {"data_center_list": list(self.data_center_list), "req_gpu_amount": self.req_gpu_amount}
+        return {key: value for key, value in body.items() if value}
+
+
+class AutodlProvider(_RentedInstance):
+    """AutoDL: ordinary instances through the console API (no-GPU set-up boots), or Pro instances
+    through the developer API (GPU boots only)."""
+
+    type: Literal["autodl"]
+    api: Literal["console", "pro"] = "console"
+    url: (
+        Annotated[str, _matching(r"https?://[A-Za-z0-9.:\[\]-]+(/[A-Za-z0-9._~/-]*)?", "an http(s) URL")]
+        | None
+    ) = None
+    token_env: EnvName = "AUTODL_TOKEN"
+    create: AutodlCreate | None = None
+
+    @model_validator(mode="after")
+    def _instance_or_create(self) -> AutodlProvider:
+        if (self.instance is None) == (self.create is None):
+            raise ValueError("give exactly one of 'instance' (reuse) or 'create' (a new one)")
+        return self
+
+
+class EmulatorProvider(_RentedInstance):
+    """The local AutoDL-style emulator (`runner emulator up`): rehearse a job before paying."""
+
+    type: Literal["emulator"]
+
+
+PROVIDER_TYPES = ("local", "ssh", "autodl", "emulator")
+ProviderSettings = Annotated[
+    LocalProvider | SshProvider | AutodlProvider | EmulatorProvider, Field(discriminator="type")
+]
 
 
 class ImageBuild(Strict):
@@ -314,6 +381,16 @@ class JobSpec(Strict):
             raise ValueError(
                 f"budget.max_hourly_price {cap} {self.pricing.currency}/h is below "
                 f"pricing.gpu_per_hour {self.pricing.gpu_per_hour}"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _release_where_possible(self) -> JobSpec:
+        provider = self.provider
+        if self.shutdown.after == "release" and provider.type == "autodl" and provider.api == "console":
+            raise ValueError(
+                "shutdown.after: release is not possible through AutoDL's console API (release the"
+                " instance in the console); use stop, or a Pro instance (provider.api: pro)"
             )
         return self
 

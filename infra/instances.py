@@ -1,0 +1,101 @@
+"""Booting and stopping rented instances the same way on every cloud.
+
+A boot is done only when the instance runs in the asked mode *and* its sshd answers: clouds
+report `running` before sshd is up. A GPU boot that finds no free GPU leaves the instance
+powered off (never staging or waiting at GPU prices) and tries again with backoff until the
+job's deadline, then fails with a message that says so. Stopping waits until the cloud says
+stopped, since that is when billing ends.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from infra.base import Instance, InstanceApi, InstanceState, PowerMode
+from runner.errors import NoCapacity, ProviderFailure
+
+Notify = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class BootPolicy:
+    boot_timeout_s: float = 600.0  # power_on accepted -> running with sshd answering
+    gpu_wait_s: float = 1800.0  # how long to keep retrying a boot that finds no free GPU
+    stop_timeout_s: float = 300.0
+    poll_s: float = 1.0
+    first_retry_s: float = 10.0
+    max_retry_s: float = 120.0
+
+
+def boot(api: InstanceApi, instance_id: str, mode: PowerMode, policy: BootPolicy, notify: Notify) -> Instance:
+    """Power the instance on in mode (stopping it first if it runs in the other mode) and wait
+    until sshd answers; NoCapacity is retried with the instance off until policy.gpu_wait_s."""
+    current = api.describe(instance_id)
+    if current.state is InstanceState.RUNNING and current.mode is mode:
+        return wait_running(api, instance_id, mode, policy)
+    if current.state in (InstanceState.RUNNING, InstanceState.STARTING, InstanceState.STOPPING):
+        shut(api, instance_id, policy)
+    deadline = time.monotonic() + policy.gpu_wait_s
+    delay = policy.first_retry_s
+    while True:
+        try:
+            api.power_on(instance_id, mode)
+            break
+        except NoCapacity as exc:
+            if time.monotonic() + delay > deadline:
+                raise NoCapacity(
+                    f"{exc.message}; no capacity for a {mode.value} boot within {policy.gpu_wait_s:.0f}s,"
+                    f" instance {instance_id} left powered off"
+                ) from exc
+            notify(f"no capacity for a {mode.value} boot of {instance_id}; trying again in {delay:.0f}s")
+            time.sleep(delay)
+            delay = min(policy.max_retry_s, delay * 2)
+    return wait_running(api, instance_id, mode, policy)
+
+
+def wait_running(api: InstanceApi, instance_id: str, mode: PowerMode, policy: BootPolicy) -> Instance:
+    """The instance once it runs in mode and its sshd sends a banner."""
+    deadline = time.monotonic() + policy.boot_timeout_s
+    while True:
+        current = api.describe(instance_id)
+        if current.state in (InstanceState.STOPPED, InstanceState.RELEASED, InstanceState.FAILED):
+            raise ProviderFailure(f"instance {instance_id} went {current.state.value} while booting")
+        ready = current.state is InstanceState.RUNNING and current.ssh is not None
+        if ready and current.mode is not mode:
+            raise ProviderFailure(
+                f"instance {instance_id} booted in {current.mode.value} mode, not {mode.value}"
+            )
+        if ready and sshd_answers(current.ssh.host, current.ssh.port):
+            return current
+        if time.monotonic() > deadline:
+            raise ProviderFailure(f"instance {instance_id} not up within {policy.boot_timeout_s:.0f}s")
+        time.sleep(policy.poll_s)
+
+
+def shut(api: InstanceApi, instance_id: str, policy: BootPolicy) -> None:
+    """Power off (unless already off) and wait until the cloud reports it stopped."""
+    deadline = time.monotonic() + policy.stop_timeout_s
+    asked = False
+    while True:
+        current = api.describe(instance_id)
+        if current.state in (InstanceState.STOPPED, InstanceState.RELEASED):
+            return
+        if not asked and current.state in (InstanceState.RUNNING, InstanceState.STARTING):
+            api.power_off(instance_id)
+            asked = True
+        if time.monotonic() > deadline:
+            raise ProviderFailure(f"instance {instance_id} did not stop within {policy.stop_timeout_s:.0f}s")
+        time.sleep(policy.poll_s)
+
+
+def sshd_answers(host: str, port: int, timeout: float = 3.0) -> bool:
+    """Whether an SSH server sends its banner on host:port."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            sock.settimeout(timeout)
+            return sock.recv(4).startswith(b"SSH-")
+    except OSError:
+        return False
