@@ -235,6 +235,8 @@ def _skip_reason(ctx: RunContext, name: str) -> str | None:
         return f"{ctx.provider.type} provider runs on this machine"
     if name == "boot_gpu" and not caps.power_modes:
         return f"{ctx.provider.type} provider has no separate GPU boot"
+    if name == "boot_gpu" and ctx.loaded.spec.train.gpus == 0:
+        return "the job asks for no GPU (train.gpus: 0): training runs on the set-up boot"
     return None
 
 
