@@ -22,6 +22,7 @@ from typing import Any
 from infra.base import Instance, InstanceState, PowerMode, SshAccess
 from runner.errors import (
     AuthFailed,
+    BadInput,
     InstanceNotFound,
     NoCapacity,
     ProviderFailure,
@@ -111,8 +112,6 @@ class AwsSettings:
         object.__setattr__(self, "security_group_ids", tuple(self.security_group_ids))
         tags = self.tags.items() if isinstance(self.tags, Mapping) else self.tags
         object.__setattr__(self, "tags", tuple((str(k), str(v)) for k, v in tags))
-        if not self.security_group_ids:
-            raise ValueError("aws: at least one security group id is needed")
         if self.root_volume_gb <= 0:
             raise ValueError(f"aws: root_volume_gb must be positive, not {self.root_volume_gb}")
         if self.cpu_type == self.gpu_type:
@@ -234,6 +233,8 @@ class AwsInstances:
         """A new instance of the CPU type from the AMI, with one EBS root volume of
         root_volume_gb (deleted with the instance); EC2 boots it straight away."""
         s = self.settings
+        if not (s.ami and s.key_name and s.security_group_ids):
+            raise BadInput("creating an EC2 instance needs an AMI, a key pair name and a security group")
         root_device = self._root_device_name()
         tags = [{"Key": k, "Value": v} for k, v in s.tags if k not in ("Name", RUNNER_TAG[0])]
         tags += [{"Key": "Name", "Value": name}, {"Key": RUNNER_TAG[0], "Value": RUNNER_TAG[1]}]

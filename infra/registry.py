@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from infra.autodl import AutodlProvider
 from infra.base import Provider
 from infra.local import LocalProvider
+from infra.rented import RentedProvider
 from infra.ssh import SshProvider
 
 # Each entry builds the provider from the spec's validated `provider` section and the
@@ -14,8 +14,9 @@ from infra.ssh import SshProvider
 PROVIDERS: dict[str, Callable[..., Provider]] = {
     "local": lambda settings, accept_new_host_key: LocalProvider(),
     "ssh": SshProvider,
-    "autodl": AutodlProvider,
-    "emulator": AutodlProvider,
+    "autodl": RentedProvider,
+    "emulator": RentedProvider,
+    "aws": RentedProvider,
 }
 
 

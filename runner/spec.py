@@ -213,15 +213,65 @@ class AutodlProvider(_RentedInstance):
         return self
 
 
+class AwsProvider(_RentedInstance):
+    """One EC2 instance on one EBS root volume: set-up on a CPU type, training on a GPU type."""
+
+    type: Literal["aws"]
+    region: Annotated[str, _matching(r"[a-z]{2}(-[a-z]+)+-[0-9]", "an AWS region like us-east-1")]
+    ami: Annotated[str, _matching(r"ami-[0-9a-f]{8,17}", "an AMI ID like ami-0abc1234")] | None = None
+    key_name: Annotated[str, StringConstraints(min_length=1, max_length=255)] | None = None
+    security_group_ids: tuple[Annotated[str, _matching(r"sg-[0-9a-f]{8,17}", "sg-...")], ...] = ()
+    subnet_id: Annotated[str, _matching(r"subnet-[0-9a-f]{8,17}", "subnet-...")] | None = None
+    cpu_type: Annotated[str, _matching(r"[a-z0-9]+\.[a-z0-9]+", "an instance type like t3.large")] = (
+        "t3.large"
+    )
+    gpu_type: Annotated[str, _matching(r"[a-z0-9]+\.[a-z0-9]+", "an instance type like g5.xlarge")] = (
+        "g5.xlarge"
+    )
+    root_volume_gb: Annotated[int, Field(ge=8, le=16384)] = 100
+    ssh_user: UserName = "ubuntu"
+    endpoint_url: Annotated[str, _matching(r"https?://[A-Za-z0-9.:\[\]-]+/?", "an http(s) URL")] | None = None
+    data_dir: Annotated[str, AfterValidator(_remote_dir)] = "/home/ubuntu/runner-data"
+
+    @model_validator(mode="after")
+    def _can_create_and_log_in(self) -> AwsProvider:
+        if self.key_file is None:
+            raise ValueError("give 'key_file': the private key of the instance's key pair, to log in")
+        if self.instance is None and not (self.ami and self.key_name and self.security_group_ids):
+            raise ValueError(
+                "to create an instance give 'ami', 'key_name' and 'security_group_ids' (or 'instance')"
+            )
+        if self.cpu_type == self.gpu_type:
+            raise ValueError("'cpu_type' and 'gpu_type' must differ")
+        return self
+
+    def aws_settings(self):
+        """The settings infra.aws works with (imported there, so boto3 stays out of validation)."""
+        from infra.aws import AwsSettings
+
+        return AwsSettings(
+            region=self.region,
+            ami=self.ami or "",
+            key_name=self.key_name or "",
+            security_group_ids=self.security_group_ids,
+            cpu_type=self.cpu_type,
+            gpu_type=self.gpu_type,
+            root_volume_gb=self.root_volume_gb,
+            subnet_id=self.subnet_id,
+            ssh_user=self.ssh_user,
+            endpoint_url=self.endpoint_url,
+        )
+
+
 class EmulatorProvider(_RentedInstance):
     """The local AutoDL-style emulator (`runner emulator up`): rehearse a job before paying."""
 
     type: Literal["emulator"]
 
 
-PROVIDER_TYPES = ("local", "ssh", "autodl", "emulator")
+PROVIDER_TYPES = ("local", "ssh", "autodl", "emulator", "aws")
 ProviderSettings = Annotated[
-    LocalProvider | SshProvider | AutodlProvider | EmulatorProvider, Field(discriminator="type")
+    LocalProvider | SshProvider | AutodlProvider | EmulatorProvider | AwsProvider, Field(discriminator="type")
 ]
 
 

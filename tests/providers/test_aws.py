@@ -14,7 +14,7 @@ import pytest
 
 from infra.aws import AwsInstances, AwsSettings, boot_failure, error_for, map_aws_error
 from infra.base import InstanceState, PowerMode
-from runner.errors import AuthFailed, InstanceNotFound, NoCapacity, ProviderFailure, Transient
+from runner.errors import AuthFailed, BadInput, InstanceNotFound, NoCapacity, ProviderFailure, Transient
 
 from .conftest import REGION
 
@@ -342,8 +342,8 @@ def test_settings_are_immutable_and_checked():
     hash(s)
     with pytest.raises(ValueError, match="must differ"):
         AwsSettings(region="r", ami="a", key_name="k", security_group_ids=("sg",), cpu_type="x", gpu_type="x")
-    with pytest.raises(ValueError, match="security group"):
-        AwsSettings(region="r", ami="a", key_name="k", security_group_ids=())
+    with pytest.raises(BadInput, match="security group"):
+        AwsInstances(AwsSettings(region="r", ami="a", key_name="k", security_group_ids=())).create("x")
 
 
 @pytest.mark.unit

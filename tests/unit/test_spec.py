@@ -217,3 +217,26 @@ def test_metrics_must_name_a_file(tmp_path):
 def test_caps_that_would_not_be_enforced_are_refused(tmp_path):
     lines = problems(tmp_path, GOOD.format(digest=DIGEST) + "budget:\n  max_cost: 5\n  max_gpu_hours: 2\n")
     assert sum("not enforced by this version" in line for line in lines) == 2
+
+
+RENTED = "name: demo\nprovider:\n{}\nimage: {{ref: 'sha256:{}'}}\ntrain: {{run: 'true'}}\noutputs: [/out]\n"
+
+
+@pytest.mark.parametrize(
+    ("provider", "expected"),
+    [
+        ("  type: aws\n  region: us-east-1\n  instance: i-0abc12345678", "give 'key_file'"),
+        ("  type: aws\n  region: us-east-1\n  key_file: job.yaml", "to create an instance give 'ami'"),
+        ("  type: autodl\n  token_env: T", "give exactly one of 'instance' (reuse) or 'create'"),
+        ("  type: autodl\n  instance: pro-1\n  gpu_wait_s: 0", "provider.gpu_wait_s: Input should be"),
+        ("  type: emulator\n  instance: 'a b'", "provider.instance: must be an instance ID"),
+    ],
+)
+def test_rented_provider_problems_name_the_field(tmp_path, provider, expected):
+    found = problems(tmp_path, RENTED.format(provider, "a" * 64))
+    assert any(expected in line for line in found), found
+
+
+def test_autodl_console_refuses_release_at_the_end(tmp_path):
+    text = RENTED.format("  type: autodl\n  instance: abc", "a" * 64) + "shutdown: {after: release}\n"
+    assert any("release the instance in the console" in line for line in problems(tmp_path, text))

@@ -1,11 +1,12 @@
-"""The AutoDL provider (and the local emulator, which speaks the same API).
+"""Providers of rented instances: AutoDL, the local emulator (which speaks AutoDL's API) and AWS.
 
-An AutoDL instance is a container with a persistent data disk at /root/autodl-tmp and no
-Docker inside, so runs use the SSH host with the rootfs runtime (infra.ssh). Ordinary
-instances are driven through the console API, which can boot them without the GPU for set-up;
-Pro instances through the developer API, GPU boots only (infra.autodl_api). Host, port and
-root password are read from the API after every boot, never stored; the host key is pinned
-under the instance's ID, since its port changes with every boot.
+They differ only in their instance API (infra.autodl_api, infra.aws); the rest is shared: the
+instance is the spec's or a new one, and once it runs it is reached over SSH like any host
+(infra.ssh: layer sync, rootfs or docker runtime, detached steps). Host, port and password are
+read from the API after every boot, never stored; the host key is pinned under the instance's
+ID, since its port (even its address) changes with every boot. AutoDL instances are containers
+with a persistent data disk at /root/autodl-tmp and no Docker inside; ordinary ones can boot
+without the GPU (console API), Pro ones only with it (developer API).
 """
 
 from __future__ import annotations
@@ -22,21 +23,22 @@ from runner.remote import Endpoint
 
 if TYPE_CHECKING:
     from runner.spec import AutodlProvider as AutodlSettings
+    from runner.spec import AwsProvider as AwsSpec
     from runner.spec import EmulatorProvider as EmulatorSettings
+
+    RentedSettings = AutodlSettings | EmulatorSettings | AwsSpec
 
 EMULATOR_IMAGE = "runner-emulator"  # what the emulator's create call is given as the image
 
 
-class AutodlProvider:
-    """Instances on AutoDL (or the emulator): acquired, booted per mode, reached over SSH."""
+class RentedProvider:
+    """Instances on AutoDL, the emulator or AWS: acquired, booted per mode, reached over SSH."""
 
-    def __init__(
-        self, settings: AutodlSettings | EmulatorSettings, accept_new_host_key: bool = False
-    ) -> None:
+    def __init__(self, settings: RentedSettings, accept_new_host_key: bool = False) -> None:
         self.settings = settings
         self.type = settings.type
         self.accept_new_host_key = accept_new_host_key
-        no_gpu_boots = settings.type == "emulator" or settings.api == "console"
+        no_gpu_boots = settings.type in ("emulator", "aws") or settings.api == "console"  # aws: a CPU type
         self.capabilities = Capabilities(instances=True, power_modes=no_gpu_boots)
         self.boot_policy = BootPolicy(boot_timeout_s=settings.boot_timeout_s, gpu_wait_s=settings.gpu_wait_s)
         self._api: InstanceApi | None = None
@@ -77,7 +79,11 @@ class AutodlProvider:
         )
 
 
-def _instance_api(settings: AutodlSettings | EmulatorSettings) -> InstanceApi:
+def _instance_api(settings: RentedSettings) -> InstanceApi:
+    if settings.type == "aws":
+        from infra.aws import AwsInstances
+
+        return AwsInstances(settings.aws_settings())
     if settings.type == "emulator":
         from infra.emulator import connection
 
