@@ -13,11 +13,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from infra.ssh import STEP_TIMEOUT_S
 from runner.errors import BadInput
 from runner.store import Run, Store, open_store
 
 STOP_GRACE_S = 30  # time for a trainer to checkpoint after SIGTERM, before SIGKILL
-FOLLOW_LIMIT_S = 14 * 24 * 3600  # a bound for the follow loop, far above any training run
 _ENDED = ("step.exited", "step.stopped")
 
 
@@ -91,7 +91,7 @@ def follow(ref: str, write: Callable[[bytes], None]) -> DetachedStep | None:
         if info is None:
             return None
         with _reattached(store, info) as (runtime, handle):
-            code = runtime.wait(handle, FOLLOW_LIMIT_S, write, offset=int(info["offset"]))
+            code = runtime.wait(handle, STEP_TIMEOUT_S, write, offset=int(info["offset"]))
         store.add_event(run.id, "step.exited", step_dir=info["step_dir"], name=info["name"], exit_code=code)
         return _describe(info, "exited", code)
 
