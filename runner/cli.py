@@ -264,6 +264,76 @@ def image_sync(
         click.echo(result.summary())
 
 
+@main.group()
+def emulator() -> None:
+    """A local AutoDL-style cloud (Docker containers with sshd) to rehearse a job before paying."""
+
+
+@emulator.command("up")
+@click.option("--port", type=click.IntRange(0, 65535), default=0, help="127.0.0.1 port; 0 picks a free one.")
+@click.option(
+    "--boot-delay", type=click.FloatRange(0), default=3.0, show_default=True, help="Seconds in 'starting'."
+)
+@click.option(
+    "--cpu-mode-cpus",
+    type=click.FloatRange(0.01),
+    default=0.5,
+    show_default=True,
+    help="CPUs of a no-GPU boot.",
+)
+@click.option(
+    "--cpu-mode-memory", metavar="SIZE", help="Memory cap of a no-GPU boot (e.g. 2g).  [default: none]"
+)
+@click.option("--balance", type=float, default=100.0, show_default=True, help="Starting balance, CNY.")
+@click.option(
+    "--gpu-price", type=click.FloatRange(0), default=2.15, show_default=True, help="CNY per hour, GPU mode."
+)
+@click.option(
+    "--cpu-price", type=click.FloatRange(0), default=0.10, show_default=True, help="CNY per hour, no GPU."
+)
+@_errors_handled
+def emulator_up(port, boot_delay, cpu_mode_cpus, cpu_mode_memory, balance, gpu_price, cpu_price) -> None:
+    """Start the emulator in the background (builds its instance image if missing); print its URL.
+
+    The API token is kept in $RUNNER_HOME/emulator/token and never printed."""
+    from infra.emulator.control import UpOptions, up
+
+    options = UpOptions(port, boot_delay, cpu_mode_cpus, cpu_mode_memory, balance, gpu_price, cpu_price)
+    url = up(options)
+    click.echo(url)
+    click.echo("emulator running; stop it with: runner emulator down", err=True)
+
+
+@emulator.command("down")
+@click.option("--purge", is_flag=True, help="Also remove the instances' containers and the emulator's state.")
+@_errors_handled
+def emulator_down(purge: bool) -> None:
+    """Power every instance off (recorded in the power log) and stop the emulator."""
+    from infra.emulator.control import down
+
+    was_running = down(purge=purge)
+    click.echo(("emulator stopped" if was_running else "no emulator was running")
+               + ("; containers and state removed" if purge else ""), err=True)  # fmt: skip
+
+
+@emulator.command("status")
+@json_option
+@_errors_handled
+def emulator_status(as_json: bool) -> None:
+    """The running emulator's URL, balance and instances."""
+    from infra.emulator.control import status as emulator_state
+
+    state = emulator_state()
+    if as_json:
+        _emit_json(state)
+        return
+    click.echo(f"url: {state['url']}")
+    click.echo(f"balance: {state['balance']:.4f} CNY (spent {state['spent']:.4f})")
+    click.echo(f"{'INSTANCE':<22} {'STATUS':<14} {'MODE':<8} SSH PORT")
+    for item in state["instances"]:
+        click.echo(f"{item['uuid']:<22} {item['status']:<14} {item['mode']:<8} {item['ssh_port'] or ''}")
+
+
 def _print_result(result) -> None:
     run = result.run
     click.echo(f"run {run.id}: {run.status}" + (f" ({run.error})" if run.error else ""))
