@@ -1,0 +1,165 @@
+"""Whole runs on the emulator, started as a user would (`runner emulator up`, `runner submit`):
+set-up on the no-GPU boot, training on the GPU boot, the instance off at the end whatever
+happened, asserted from the emulator's own power log and the run's recorded phases."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from runner.store import Store
+
+REPO = Path(__file__).parents[2]
+BASE_IMAGE = "runner-base/bookworm:minbase"
+e2e = [pytest.mark.integration, pytest.mark.e2e]
+
+
+@pytest.fixture(scope="module")
+def cloud(tmp_path_factory, instance_image):
+    """A running emulator (2 CPUs in no-GPU mode, so the rehearsal is quick) and the environment
+    that reaches it; everything it made is purged afterwards."""
+    home = tmp_path_factory.mktemp("emulated-home")
+    env = {**os.environ, "RUNNER_HOME": str(home), "RUNNER_EMULATOR_BASE": BASE_IMAGE}
+    up = runner(env, "emulator", "up", "--boot-delay", "1", "--cpu-mode-cpus", "2")
+    assert up.returncode == 0, up.stderr
+    try:
+        yield env
+    finally:
+        runner(env, "emulator", "down", "--purge")
+
+
+def runner(env: dict, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    argv = [sys.executable, "-m", "runner", *args]
+    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def admin(env: dict, path: str, body: dict | None = None) -> object:
+    """The emulator's own API (power log, faults), with the token from its private folder."""
+    folder = Path(env["RUNNER_HOME"]) / "emulator"
+    url = json.loads((folder / "server.json").read_text())["url"]
+    token = (folder / "token").read_text().strip()
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url + path, data=data, headers={"Authorization": token})
+    with urllib.request.urlopen(request, timeout=30) as answer:
+        return json.loads(answer.read())["data"]
+
+
+def submit(env: dict, spec: Path, timeout: float = 900) -> tuple[int, dict, str]:
+    out = spec.parent / "runs"
+    done = runner(env, "submit", str(spec), "--json", "--out", str(out), timeout=timeout)
+    return done.returncode, json.loads(done.stdout), done.stderr
+
+
+def intervals(env: dict, run_id: str) -> list[dict]:
+    """The power log of the run's instance, in order."""
+    with Store(Path(env["RUNNER_HOME"])) as store:
+        (acquired,) = [e.data for e in store.events(run_id) if e.kind == "instance.acquired"]
+    log = admin(env, "/emulator/v1/power_log")
+    return sorted((i for i in log if i["instance_uuid"] == acquired["id"]), key=lambda i: i["started_at"])
+
+
+def phase_times(env: dict, run_id: str) -> dict[str, tuple[float, float]]:
+    with Store(Path(env["RUNNER_HOME"])) as store:
+        return {p.name: (p.started_at, p.ended_at) for p in store.phases(run_id) if p.status == "succeeded"}
+
+
+def within(span: tuple[float, float], interval: dict) -> bool:
+    return interval["started_at"] <= span[0] and span[1] <= interval["ended_at"]
+
+
+@pytest.fixture(scope="module")
+def tiny_image() -> str:
+    import docker
+
+    client = docker.from_env()
+    dockerfile = f"FROM {BASE_IMAGE}\nRUN echo emulated > /banner\n"
+    built, _ = client.images.build(
+        fileobj=io.BytesIO(dockerfile.encode()), tag="runner-test/emulated:tiny", rm=True
+    )
+    yield built.id
+    client.images.remove(built.id, force=True)
+    client.close()
+
+
+def tiny_job(folder: Path, image_id: str, name: str, train: str) -> Path:
+    spec = folder / f"{name}.yaml"
+    spec.write_text(
+        f"""name: {name}
+provider: {{type: emulator, gpu_wait_s: 300, boot_timeout_s: 120}}
+image: {{ref: '{image_id}'}}
+setup:
+  - {{name: prepare, run: 'cat /banner > /data/prepared'}}
+train: {{gpus: 1, run: {json.dumps(train)}}}
+outputs: [/out/result]
+""",
+        encoding="utf-8",
+    )
+    return spec
+
+
+@pytest.mark.integration
+@pytest.mark.e2e
+def test_smoke_job_stages_without_the_gpu_trains_with_it_and_ends_off(cloud, tmp_path):
+    text = (REPO / "jobs" / "smoke-emulated.yaml").read_text(encoding="utf-8")
+    spec = tmp_path / "smoke-emulated.yaml"
+    spec.write_text(text.replace("context: ..", f"context: {REPO}"), encoding="utf-8")
+    try:
+        code, payload, stderr = submit(cloud, spec)
+    finally:
+        subprocess.run(["docker", "rmi", "runner/smoke-emulated:latest"], capture_output=True, timeout=120)
+    assert code == 0, stderr[-4000:]
+    run_dir = Path(payload["run_dir"])
+    for artifact in payload["artifacts"]:
+        assert hashlib.sha256((run_dir / artifact["path"]).read_bytes()).hexdigest() == artifact["sha256"]
+    scores = json.loads((run_dir / "artifacts" / "eval.json").read_text(encoding="utf-8"))
+    assert scores["lora"]["loss"] < scores["base"]["loss"]
+
+    cpu, gpu = intervals(cloud, payload["run_id"])
+    assert (cpu["mode"], gpu["mode"]) == ("non_gpu", "gpu")
+    assert cpu["ended_at"] is not None and gpu["ended_at"] is not None  # off at the end
+    phases = phase_times(cloud, payload["run_id"])
+    assert within(phases["stage"], cpu)  # image, inputs and set-up steps: all on the no-GPU boot
+    assert within(phases["train"], gpu)
+    assert cpu["ended_at"] <= gpu["started_at"]
+    print(
+        json.dumps(
+            {
+                "cpu_s": cpu["seconds"],
+                "gpu_s": gpu["seconds"],
+                "train_s": phases["train"][1] - phases["train"][0],
+            }
+        )
+    )
+
+
+@pytest.mark.integration
+@pytest.mark.e2e
+def test_no_gpu_for_two_boots_waits_with_the_instance_off_then_trains(cloud, tmp_path, tiny_image):
+    admin(cloud, "/emulator/v1/faults", {"no_gpu_stock": 2})
+    spec = tiny_job(tmp_path, tiny_image, "emulated-wait", "cat /data/prepared > /out/result")
+    code, payload, stderr = submit(cloud, spec)
+    assert code == 0, stderr[-4000:]
+    assert (Path(payload["run_dir"]) / "artifacts" / "result").read_text() == "emulated\n"
+    assert stderr.count("no capacity for a gpu boot") == 2
+    cpu, gpu = intervals(cloud, payload["run_id"])
+    assert (cpu["mode"], gpu["mode"]) == ("non_gpu", "gpu")
+    assert gpu["started_at"] - cpu["ended_at"] >= 25  # 10 s + 20 s of backoff, powered off
+
+
+@pytest.mark.integration
+@pytest.mark.e2e
+def test_a_failing_train_step_still_powers_the_instance_off(cloud, tmp_path, tiny_image):
+    spec = tiny_job(tmp_path, tiny_image, "emulated-fail", "echo boom >&2; exit 3")
+    code, payload, stderr = submit(cloud, spec)
+    assert code == 1, stderr[-4000:]
+    assert "train exited with code 3" in payload["error"]
+    log = intervals(cloud, payload["run_id"])
+    assert [i["mode"] for i in log] == ["non_gpu", "gpu"] and all(i["ended_at"] for i in log)
