@@ -163,3 +163,32 @@ def test_a_failing_train_step_still_powers_the_instance_off(cloud, tmp_path, tin
     assert "train exited with code 3" in payload["error"]
     log = intervals(cloud, payload["run_id"])
     assert [i["mode"] for i in log] == ["non_gpu", "gpu"] and all(i["ended_at"] for i in log)
+
+
+@pytest.mark.integration
+@pytest.mark.e2e
+def test_sigterm_during_training_powers_the_instance_off(cloud, tmp_path, tiny_image):
+    """The laptop's controller killed politely mid-training: teardown still ends GPU billing."""
+    import signal
+    import time
+
+    spec = tiny_job(tmp_path, tiny_image, "emulated-term", "echo training; sleep 300")
+    argv = [sys.executable, "-m", "runner", "submit", str(spec), "--json", "--out", str(tmp_path / "runs")]
+    proc = subprocess.Popen(argv, env=cloud, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not any(
+            i["mode"] == "gpu" and i["ended_at"] is None for i in admin(cloud, "/emulator/v1/power_log")
+        ):
+            assert proc.poll() is None and time.monotonic() < deadline, "the GPU boot never came"
+            time.sleep(0.5)
+        time.sleep(3)  # into the train step
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, stderr[-4000:]
+    payload = json.loads(stdout)
+    log = intervals(cloud, payload["run_id"])
+    assert [i["mode"] for i in log] == ["non_gpu", "gpu"] and all(i["ended_at"] for i in log)
