@@ -541,7 +541,12 @@ def _describe(path: Path, error: dict, lines: dict[tuple, int]) -> str:
     if error["type"] == "union_tag_not_found":
         loc, message = (*loc, "type"), "required field is missing"
     elif error["type"] == "union_tag_invalid":
-        loc, message = (*loc, "type"), "Input should be " + " or ".join(f"'{t}'" for t in PROVIDER_TYPES)
+        loc, message = (
+            (*loc, "type"),
+            "Input should be "
+            + ", ".join(f"'{t}'" for t in PROVIDER_TYPES[:-1])
+            + f" or '{PROVIDER_TYPES[-1]}'",
+        )
     elif error["type"] == "extra_forbidden":
         message = "unknown field"
     elif error["type"] == "missing":

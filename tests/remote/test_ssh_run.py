@@ -391,7 +391,7 @@ def test_unknown_provider_type_lists_the_known_ones(tmp_path):
     spec.write_text(SSH_SPEC.format(login="", digest="a" * 64).replace("type: ssh", "type: gcp"))
     with pytest.raises(SpecError) as caught:
         load_spec(spec)
-    known = "'local' or 'ssh' or 'autodl' or 'emulator' or 'aws'"
+    known = "'local', 'ssh', 'autodl', 'emulator' or 'aws'"
     assert caught.value.details == [f"{spec}:3: provider.type: Input should be {known}"]
 
 
