@@ -384,6 +384,11 @@ def _end_instance(ctx: RunContext) -> None:
         ctx.reporter.warn(f"instance {ctx.instance_id} is left running (shutdown.after: keep): it is billed")
         return
     _power_off(ctx)
+    for event in ctx.store.events(ctx.run.id):  # a step left running went down with the instance
+        if event.kind == "step.detached":
+            ctx.store.add_event(
+                ctx.run.id, "step.stopped", step_dir=event.data["step_dir"], name=event.data["name"]
+            )
     if after == "release" and ctx.instance_created:
         ctx.provider.api.release(ctx.instance_id)
         ctx.store.add_event(ctx.run.id, "instance.released", id=ctx.instance_id)

@@ -192,3 +192,5 @@ def test_sigterm_during_training_powers_the_instance_off(cloud, tmp_path, tiny_i
     payload = json.loads(stdout)
     log = intervals(cloud, payload["run_id"])
     assert [i["mode"] for i in log] == ["non_gpu", "gpu"] and all(i["ended_at"] for i in log)
+    status = runner(cloud, "status", payload["run_id"], "--json")
+    assert status.returncode == 0 and json.loads(status.stdout)["left_running"] is None
