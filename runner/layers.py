@@ -205,6 +205,17 @@ def image_layers(image: str, cache: LayerCache | None = None) -> ImageLayers:
     return cached_image(cache, image_id)
 
 
+def prepare_for_transfer(
+    image: str, codec: Codec = Codec.GZIP, cache: LayerCache | None = None
+) -> ImageLayers:
+    """Read the image's layers and compress them now, before an instance is booted and billed
+    while the laptop compresses (gzip: what a host with only python3 can read)."""
+    layers = image_layers(image, cache)
+    for diff_id in dict.fromkeys(layers.diff_ids):
+        compress_layer(layers.cache, diff_id, codec)
+    return layers
+
+
 def cached_image(cache: LayerCache, image_id: str) -> ImageLayers:
     """An image whose config and layers are all in the cache; the config is checked again,
     since the diffIDs are read from it."""

@@ -260,6 +260,11 @@ def _plan(ctx: RunContext) -> None:
     ctx.store.add_event(ctx.run.id, "image.resolved", id=ctx.image.image.id, ref=ctx.image.image.ref)
     if ctx.loaded.spec.image.build is not None:
         write_lock(ctx.loaded, ctx.image)
+    if ctx.provider.capabilities.instances:
+        from runner.layers import prepare_for_transfer
+
+        ctx.reporter.info("reading and compressing the image's layers before any instance is billed")
+        prepare_for_transfer(ctx.image.image.id)
     manifest.write(ctx, ctx.run, ctx.store.phases(ctx.run.id))
 
 

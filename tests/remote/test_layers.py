@@ -145,3 +145,15 @@ def test_a_connection_cut_mid_layer_resumes_and_the_layer_verifies(
     restarted = once + cache.compressed(biggest, codec).stat().st_size // 2
     assert once <= report.bytes_sent < (once + restarted) / 2  # resumed near the cut, not from zero
     assert remote_sha256(sshd_host, RemoteLayout.at(data_dir).layer(biggest)) == biggest
+
+
+def test_layers_prepared_before_a_boot_are_not_compressed_again(remote, images, cache, data_dir):
+    from runner.layers import prepare_for_transfer
+
+    layers = prepare_for_transfer(images["first"], Codec.GZIP, cache)
+    packed = {d: cache.compressed(d, Codec.GZIP) for d in layers.diff_ids}
+    assert all(path.is_file() for path in packed.values())
+    written = {d: path.stat().st_mtime_ns for d, path in packed.items()}
+    report = sync_layers(remote, layers, data_dir)
+    assert report.codec == "gzip" and set(report.sent) == set(layers.diff_ids)
+    assert {d: path.stat().st_mtime_ns for d, path in packed.items()} == written
