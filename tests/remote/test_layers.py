@@ -147,9 +147,10 @@ def test_a_connection_cut_mid_layer_resumes_and_the_layer_verifies(
     assert remote_sha256(sshd_host, RemoteLayout.at(data_dir).layer(biggest)) == biggest
 
 
-def test_layers_prepared_before_a_boot_are_not_compressed_again(remote, images, cache, data_dir):
-    from runner.layers import prepare_for_transfer
+def test_layers_prepared_before_a_boot_are_not_compressed_again(remote, images, data_dir, tmp_path):
+    from runner.layers import LayerCache, prepare_for_transfer
 
+    cache = LayerCache(tmp_path / "fresh-cache")
     layers = prepare_for_transfer(images["first"], Codec.GZIP, cache)
     packed = {d: cache.compressed(d, Codec.GZIP) for d in layers.diff_ids}
     assert all(path.is_file() for path in packed.values())
