@@ -89,11 +89,11 @@ def tiny_image() -> str:
     client.close()
 
 
-def tiny_job(folder: Path, image_id: str, name: str, train: str) -> Path:
+def tiny_job(folder: Path, image_id: str, name: str, train: str, gpu_wait_s: int = 300) -> Path:
     spec = folder / f"{name}.yaml"
     spec.write_text(
         f"""name: {name}
-provider: {{type: emulator, gpu_wait_s: 300, boot_timeout_s: 120}}
+provider: {{type: emulator, gpu_wait_s: {gpu_wait_s}, boot_timeout_s: 120}}
 image: {{ref: '{image_id}'}}
 setup:
   - {{name: prepare, run: 'cat /banner > /data/prepared'}}
@@ -194,3 +194,20 @@ def test_sigterm_during_training_powers_the_instance_off(cloud, tmp_path, tiny_i
     assert [i["mode"] for i in log] == ["non_gpu", "gpu"] and all(i["ended_at"] for i in log)
     status = runner(cloud, "status", payload["run_id"], "--json")
     assert status.returncode == 0 and json.loads(status.stdout)["left_running"] is None
+
+
+@pytest.mark.integration
+@pytest.mark.e2e
+def test_no_gpu_until_the_deadline_stops_the_run_with_the_instance_off(cloud, tmp_path, tiny_image):
+    admin(cloud, "/emulator/v1/faults", {"no_gpu_stock": 5})
+    try:
+        spec = tiny_job(tmp_path, tiny_image, "emulated-nogpu", "true", gpu_wait_s=15)
+        code, payload, stderr = submit(cloud, spec)
+    finally:
+        admin(cloud, "/emulator/v1/faults", {"no_gpu_stock": 0})
+    assert code == 3, stderr[-4000:]
+    assert (
+        "no capacity for a gpu boot within 15s" in payload["error"] and "left powered off" in payload["error"]
+    )
+    log = intervals(cloud, payload["run_id"])
+    assert [i["mode"] for i in log] == ["non_gpu"] and log[0]["ended_at"] is not None  # never paid for a GPU
