@@ -21,6 +21,28 @@ if TYPE_CHECKING:
 OutputSink = Callable[[str], None]
 
 
+class Lines:
+    """Re-cut a byte stream into text lines for an OutputSink (log chunks do not follow line
+    ends); offset counts the bytes fed, which is where a later reader of the same log picks up."""
+
+    def __init__(self, sink: OutputSink) -> None:
+        self._sink = sink
+        self._pending = b""
+        self.offset = 0
+
+    def feed(self, chunk: bytes) -> None:
+        self.offset += len(chunk)
+        self._pending += chunk
+        *lines, self._pending = self._pending.split(b"\n")
+        for line in lines:
+            self._sink(line.decode("utf-8", errors="replace").rstrip("\r"))
+
+    def flush(self) -> None:
+        if self._pending:
+            self._sink(self._pending.decode("utf-8", errors="replace"))
+            self._pending = b""
+
+
 @dataclass(frozen=True)
 class Capabilities:
     """What a provider can do; the pipeline skips phases a provider has no use for."""

@@ -11,7 +11,7 @@ import os
 import shutil
 from pathlib import Path
 
-from infra.base import Capabilities, ContainerRun, FetchedFile, Instance, OutputSink, Workspace
+from infra.base import Capabilities, ContainerRun, FetchedFile, Instance, Lines, OutputSink, Workspace
 from runner.errors import ProviderFailure, RunFailed
 from runner.home import private_dir, runner_home
 from runner.images import docker_client, engine_errors
@@ -83,7 +83,10 @@ class LocalHost:
             )
         try:
             with engine_errors(f"following {request.name}"):
-                _stream_lines(container.logs(stream=True, follow=True), on_output)
+                lines = Lines(on_output)
+                for chunk in container.logs(stream=True, follow=True):
+                    lines.feed(chunk)
+                lines.flush()
                 return int(container.wait()["StatusCode"])
         finally:
             _dispose(container, request.name)
@@ -141,15 +144,3 @@ def _regular_files(path: Path, root: Path) -> list[Path]:
     for child in sorted(path.iterdir()):
         files.extend(_regular_files(child, root))
     return files
-
-
-def _stream_lines(chunks, on_output: OutputSink) -> None:
-    """Re-cut a byte stream into lines (chunks do not follow line ends)."""
-    pending = b""
-    for chunk in chunks:
-        pending += chunk
-        *lines, pending = pending.split(b"\n")
-        for line in lines:
-            on_output(line.decode("utf-8", errors="replace").rstrip("\r"))
-    if pending:
-        on_output(pending.decode("utf-8", errors="replace"))

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from infra.base import Capabilities, ContainerRun, FetchedFile, Instance, OutputSink
+from infra.base import Capabilities, ContainerRun, FetchedFile, Instance, Lines, OutputSink
 from runner.errors import BadInput, ProviderFailure, RunFailed
 from runner.remote import Endpoint, RemoteHost, check_remote_path
 
@@ -223,7 +223,7 @@ class SshHost:
         self._steps += 1
         step = f"{self._steps:02d}-{_STEP_CHARS.sub('-', request.name)}"[:64]
         handle = self.runtime.start_step(self.run_dir, step, request.script, request.env, request.gpus)
-        lines = _Lines(on_output)
+        lines = Lines(on_output)
         try:
             code = self.runtime.wait(handle, STEP_TIMEOUT_S, lines.feed)
         except KeyboardInterrupt:
@@ -329,25 +329,3 @@ def _safe_relative(path: object) -> bool:
     if any(ord(char) < 32 or ord(char) == 127 for char in path):
         return False
     return all(part not in ("", ".", "..") for part in path.split("/"))
-
-
-class _Lines:
-    """Re-cut a byte stream into text lines (log chunks do not follow line ends); offset counts
-    the bytes fed, which is where a later reader of the same log picks up."""
-
-    def __init__(self, sink: OutputSink) -> None:
-        self._sink = sink
-        self._pending = b""
-        self.offset = 0
-
-    def feed(self, chunk: bytes) -> None:
-        self.offset += len(chunk)
-        self._pending += chunk
-        *lines, self._pending = self._pending.split(b"\n")
-        for line in lines:
-            self._sink(line.decode("utf-8", errors="replace").rstrip("\r"))
-
-    def flush(self) -> None:
-        if self._pending:
-            self._sink(self._pending.decode("utf-8", errors="replace"))
-            self._pending = b""

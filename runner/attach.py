@@ -72,41 +72,47 @@ def _reattached(store: Store, info: dict) -> Iterator[tuple[object, object]]:
 
 def remote_state(ref: str) -> DetachedStep | None:
     """How the step a run left running is doing now (None when it left none)."""
-    with open_store() as store:
-        run = store.get_run(ref)
-        info = left_running(store, run.id)
-        if info is None:
-            return None
-        with _reattached(store, info) as (runtime, handle):
-            status = runtime.poll(handle)
-        return _describe(info, status.state.value, status.exit_code)
+    found = _on_left_step(ref, lambda runtime, handle, info: runtime.poll(handle))
+    if found is None:
+        return None
+    info, status = found
+    return _describe(info, status.state.value, status.exit_code)
 
 
 def follow(ref: str, write: Callable[[bytes], None]) -> DetachedStep | None:
     """Stream the left-running step's log from where the run's own log stopped, until the step
     ends; record its exit. None when the run left no step running."""
+
+    def stream(runtime, handle, info: dict) -> int:
+        return runtime.wait(handle, STEP_TIMEOUT_S, write, offset=int(info["offset"]))
+
+    found = _on_left_step(ref, stream, record="step.exited")
+    return None if found is None else _describe(found[0], "exited", found[1])
+
+
+def stop(ref: str) -> DetachedStep:
+    """SIGTERM the left-running step (SIGKILL after STOP_GRACE_S) and record how it ended."""
+    found = _on_left_step(
+        ref, lambda runtime, handle, info: runtime.stop(handle, grace_s=STOP_GRACE_S), "step.stopped"
+    )
+    if found is None:
+        raise BadInput(f"run {ref} has no step left running on a host")
+    return _describe(found[0], "exited", found[1])
+
+
+def _on_left_step(ref: str, act: Callable, record: str | None = None) -> tuple[dict, object] | None:
+    """act(runtime, handle, info) on the step the run left running, logged in again; with record,
+    its result is recorded as that event's exit code. None when the run left no step running."""
     with open_store() as store:
         run = store.get_run(ref)
         info = left_running(store, run.id)
         if info is None:
             return None
         with _reattached(store, info) as (runtime, handle):
-            code = runtime.wait(handle, STEP_TIMEOUT_S, write, offset=int(info["offset"]))
-        store.add_event(run.id, "step.exited", step_dir=info["step_dir"], name=info["name"], exit_code=code)
-        return _describe(info, "exited", code)
-
-
-def stop(ref: str) -> DetachedStep:
-    """SIGTERM the left-running step (SIGKILL after STOP_GRACE_S) and record how it ended."""
-    with open_store() as store:
-        run = store.get_run(ref)
-        info = left_running(store, run.id)
-        if info is None:
-            raise BadInput(f"run {run.id} has no step left running on a host")
-        with _reattached(store, info) as (runtime, handle):
-            code = runtime.stop(handle, grace_s=STOP_GRACE_S)
-        store.add_event(run.id, "step.stopped", step_dir=info["step_dir"], name=info["name"], exit_code=code)
-        return _describe(info, "exited", code)
+            result = act(runtime, handle, info)
+        if record is not None:
+            store.add_event(run.id, record, step_dir=info["step_dir"], name=info["name"], exit_code=result)
+        return info, result
 
 
 def _describe(info: dict, state: str, exit_code: int | None) -> DetachedStep:

@@ -165,6 +165,7 @@ class SshProvider(_KeyLogin):
 
 InstanceId = Annotated[str, _matching(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}", "an instance ID like 3a8f0c1e2b")]
 Seconds = Annotated[float, Field(gt=0, le=7 * 24 * 3600)]
+HttpUrl = Annotated[str, _matching(r"https?://[A-Za-z0-9.:\[\]-]+(/[A-Za-z0-9._~/-]*)?", "an http(s) URL")]
 
 
 class _RentedInstance(_KeyLogin):
@@ -199,10 +200,7 @@ class AutodlProvider(_RentedInstance):
 
     type: Literal["autodl"]
     api: Literal["console", "pro"] = "console"
-    url: (
-        Annotated[str, _matching(r"https?://[A-Za-z0-9.:\[\]-]+(/[A-Za-z0-9._~/-]*)?", "an http(s) URL")]
-        | None
-    ) = None
+    url: HttpUrl | None = None
     token_env: EnvName = "AUTODL_TOKEN"
     create: AutodlCreate | None = None
 
@@ -230,7 +228,7 @@ class AwsProvider(_RentedInstance):
     )
     root_volume_gb: Annotated[int, Field(ge=8, le=16384)] = 100
     ssh_user: UserName = "ubuntu"
-    endpoint_url: Annotated[str, _matching(r"https?://[A-Za-z0-9.:\[\]-]+/?", "an http(s) URL")] | None = None
+    endpoint_url: HttpUrl | None = None
     data_dir: Annotated[str, AfterValidator(_remote_dir)] = "/home/ubuntu/runner-data"
 
     @model_validator(mode="after")

@@ -53,8 +53,8 @@ def write_archive(plan: dict, sink) -> None:
     with tarfile.open(fileobj=sink, mode="w|", format=tarfile.PAX_FORMAT) as archive:
         add_bytes(archive, "manifest.json", json.dumps(manifest).encode())
         add_file(archive, config_name, plan["config"])
-        for layer in plan["layers"]:
-            name = digest_hex(layer["diff_id"]) + "/layer.tar"
+        for index, layer in enumerate(plan["layers"]):
+            name = names[index]
             if layer.get("tar") and name not in written:
                 add_file(archive, name, layer["tar"])
                 written.add(name)

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from infra.ssh import SshProvider, _checked_files, _Lines
+from infra.base import Lines
+from infra.ssh import SshProvider, _checked_files
 from runner.errors import BadInput, RunFailed, SpecError
 from runner.spec import load_spec
 from runner.store import Store
@@ -426,7 +427,7 @@ def test_outputs_manifest_refuses_repeats_and_bad_hashes():
 @pytest.mark.unit
 def test_log_chunks_are_cut_into_lines():
     seen: list[str] = []
-    lines = _Lines(seen.append)
+    lines = Lines(seen.append)
     for chunk in (b"one\ntw", b"o\r\n", "thr\u00e9e".encode()[:4], "thr\u00e9e".encode()[4:]):
         lines.feed(chunk)
     lines.flush()
