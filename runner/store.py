@@ -146,11 +146,7 @@ class Store:
         private_dir(home)
         path = private_file(home / DB_NAME)
         self.path = path
-        self._db = sqlite3.connect(path, timeout=10, isolation_level=None)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.execute("PRAGMA busy_timeout=10000")
+        self._db = _connect(path)
         self._migrate()
         for suffix in ("-wal", "-shm"):
             sidecar = path.with_name(path.name + suffix)
@@ -176,7 +172,10 @@ class Store:
         for migration in MIGRATIONS:
             if migration.__name__ in applied:
                 continue
-            with self._transaction():
+            with self._transaction():  # looked at again inside: another process may have just applied it
+                done = "SELECT 1 FROM _migrations WHERE name = ?"
+                if self._db.execute(done, (migration.__name__,)).fetchone():
+                    continue
                 migration(self._db)
                 self._db.execute(
                     "INSERT INTO _migrations (name, applied_at) VALUES (?, ?)",
@@ -220,6 +219,15 @@ class Store:
             self._db.execute(
                 "UPDATE runs SET status = ?, exit_code = ?, error = ?, ended_at = ? WHERE id = ?",
                 (status, exit_code, error, time.time(), run_id),
+            )
+
+    def reopen_run(self, run_id: str) -> None:
+        """A resumed run is running again: its earlier end is forgotten (its events keep it)."""
+        with self._transaction():
+            self._db.execute(
+                "UPDATE runs SET status = 'running', exit_code = NULL, error = NULL, ended_at = NULL"
+                " WHERE id = ?",
+                (run_id,),
             )
 
     def get_run(self, ref: str) -> Run:
@@ -266,6 +274,15 @@ class Store:
                 (status, time.time(), detail, run_id, name, attempt),
             )
 
+    def abandon_phases(self, run_id: str, detail: str) -> None:
+        """Mark phases still recorded as running as interrupted: their process is gone."""
+        with self._transaction():
+            self._db.execute(
+                "UPDATE phases SET status = 'interrupted', detail = ?"
+                " WHERE run_id = ? AND status = 'running'",
+                (detail, run_id),
+            )
+
     def skip_phase(self, run_id: str, name: str, reason: str) -> None:
         now = time.time()
         with self._transaction():
@@ -310,6 +327,27 @@ class Store:
                 " fingerprint = excluded.fingerprint, pinned_at = excluded.pinned_at",
                 (host, port, key_type, fingerprint, time.time()),
             )
+
+
+def _connect(path: Path, attempts: int = 5) -> sqlite3.Connection:
+    """A connection in WAL mode. WAL is a property of the file, so it is set only when missing
+    (switching modes needs an exclusive lock); a busy database is retried briefly."""
+    attempt = 1
+    while True:
+        db = sqlite3.connect(path, timeout=10, isolation_level=None)
+        try:
+            db.row_factory = sqlite3.Row
+            db.execute("PRAGMA busy_timeout=10000")
+            if db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA foreign_keys=ON")
+            return db
+        except sqlite3.OperationalError:
+            db.close()
+            if attempt == attempts:
+                raise
+            time.sleep(0.05 * 2**attempt)
+            attempt += 1
 
 
 def _like_prefix(ref: str) -> str:

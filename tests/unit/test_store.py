@@ -107,3 +107,52 @@ def test_runs_are_found_by_unique_prefix(tmp_path):
 def test_unknown_run_cannot_get_phases(tmp_path):
     with Store(tmp_path) as store, pytest.raises(sqlite3.IntegrityError):
         store.start_phase("ghost", "plan")
+
+
+def test_opening_a_second_store_keeps_the_first_ones_locks(tmp_path):
+    """A process opens several stores (the run's, the SSH host's). Opening one must not drop the
+    POSIX locks SQLite holds through another: without them, a second process that closes its
+    connection believes it was the last one and checkpoints and deletes the WAL under the first
+    (which then fails with "disk I/O error")."""
+    import subprocess
+    import sys
+
+    with Store(tmp_path) as first:
+        first.create_run(make_run("r1"))
+        Store(tmp_path).close()
+        script = "import sqlite3, sys; sqlite3.connect(sys.argv[1]).execute('SELECT 1 FROM runs').fetchall()"
+        subprocess.run([sys.executable, "-c", script, str(tmp_path / DB_NAME)], check=True)
+        assert (tmp_path / f"{DB_NAME}-wal").exists()  # still open here, so nobody checkpointed it away
+        first.add_event("r1", "still.writable")
+
+
+def test_phases_left_running_by_a_killed_process_are_marked_interrupted(tmp_path):
+    with Store(tmp_path) as store:
+        store.create_run(make_run("r1"))
+        plan = store.start_phase("r1", "plan")
+        store.end_phase("r1", "plan", plan, "succeeded")
+        store.start_phase("r1", "stage")
+        store.finish_run("r1", "failed", 3, "boom")
+        store.abandon_phases("r1", "its process ended")
+        store.reopen_run("r1")
+        assert [(p.name, p.status, p.detail) for p in store.phases("r1")] == [
+            ("plan", "succeeded", None),
+            ("stage", "interrupted", "its process ended"),
+        ]
+        run = store.get_run("r1")
+        assert (run.status, run.exit_code, run.error, run.ended_at) == ("running", None, None, None)
+
+
+def test_concurrent_first_opens_migrate_once(tmp_path):
+    import concurrent.futures
+
+    with concurrent.futures.ProcessPoolExecutor(4) as pool:
+        opened = list(pool.map(_open_and_list, [tmp_path] * 8))
+    assert opened == [0] * 8
+    with Store(tmp_path) as store:
+        assert store.applied_migrations() == [m.__name__ for m in MIGRATIONS]
+
+
+def _open_and_list(home) -> int:
+    with Store(home) as store:
+        return len(store.list_runs())
