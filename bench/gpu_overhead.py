@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 from runner.store import Store
-from tests.emulator.test_emulated_run import BASE_IMAGE, REPO, intervals, runner, submit
+from tests.emulator.cloud import BASE_IMAGE, REPO, intervals, runner, submit
 
 TARGET_S = 15.0
 

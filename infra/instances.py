@@ -34,8 +34,8 @@ def boot(api: InstanceApi, instance_id: str, mode: PowerMode, policy: BootPolicy
     """Power the instance on in mode (stopping it first if it runs in the other mode) and wait
     until sshd answers; NoCapacity is retried with the instance off until policy.gpu_wait_s."""
     current = api.describe(instance_id)
-    if current.state is InstanceState.RUNNING and current.mode is mode:
-        return wait_running(api, instance_id, mode, policy)
+    if current.state in (InstanceState.RUNNING, InstanceState.STARTING) and current.mode is mode:
+        return wait_running(api, instance_id, mode, policy)  # booted, or booting, by an earlier process
     if current.state in (InstanceState.RUNNING, InstanceState.STARTING, InstanceState.STOPPING):
         shut(api, instance_id, policy)
     deadline = time.monotonic() + policy.gpu_wait_s

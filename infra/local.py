@@ -17,6 +17,7 @@ from runner.home import private_dir, runner_home
 from runner.images import docker_client, engine_errors
 
 LABEL = "dev.runner.run-id"
+STEP_LABEL = "dev.runner.step"
 STOP_GRACE_S = 30
 
 
@@ -61,25 +62,14 @@ class LocalHost:
         (self.workspace.job / name).write_bytes(content)
 
     def run(self, request: ContainerRun, on_output: OutputSink) -> int:
-        from docker.types import DeviceRequest
-
-        devices = [DeviceRequest(count=request.gpus, capabilities=[["gpu"]])] if request.gpus else None
-        with engine_errors(f"starting {request.name}"):
-            container = self._client.containers.run(
-                request.image_id,
-                command=["sh", "-c", request.script],
-                environment={"HOME": "/tmp", **request.env},
-                volumes={
-                    str(self.workspace.data): {"bind": "/data", "mode": "rw"},
-                    str(self.workspace.job): {"bind": "/job", "mode": "ro"},
-                    str(self.workspace.out): {"bind": "/out", "mode": "rw"},
-                },
-                working_dir="/data",
-                user=f"{os.getuid()}:{os.getgid()}",
-                labels={LABEL: self.run_id, "dev.runner.step": request.name},
-                device_requests=devices,
-                init=True,  # an init process forwards SIGTERM to the command, so it can checkpoint
-                detach=True,
+        """Run the step's container (or reattach to the one an earlier, killed controller left
+        running or exited, so a resumed run never starts a step twice) and follow its output."""
+        container = self._started_before(request.name)
+        if container is None:
+            container = self._start(request)
+        else:
+            on_output(
+                f"runner: reattached to {request.name}, started by an earlier runner process; its log so far:"
             )
         try:
             with engine_errors(f"following {request.name}"):
@@ -90,6 +80,34 @@ class LocalHost:
                 return int(container.wait()["StatusCode"])
         finally:
             _dispose(container, request.name)
+
+    def _started_before(self, name: str):
+        with engine_errors(f"looking for {name}"):
+            labels = [f"{LABEL}={self.run_id}", f"{STEP_LABEL}={name}"]
+            found = self._client.containers.list(all=True, filters={"label": labels})
+        return found[0] if found else None
+
+    def _start(self, request: ContainerRun):
+        from docker.types import DeviceRequest
+
+        devices = [DeviceRequest(count=request.gpus, capabilities=[["gpu"]])] if request.gpus else None
+        with engine_errors(f"starting {request.name}"):
+            return self._client.containers.run(
+                request.image_id,
+                command=["sh", "-c", request.script],
+                environment={"HOME": "/tmp", **request.env},
+                volumes={
+                    str(self.workspace.data): {"bind": "/data", "mode": "rw"},
+                    str(self.workspace.job): {"bind": "/job", "mode": "ro"},
+                    str(self.workspace.out): {"bind": "/out", "mode": "rw"},
+                },
+                working_dir="/data",
+                user=f"{os.getuid()}:{os.getgid()}",
+                labels={LABEL: self.run_id, STEP_LABEL: request.name},
+                device_requests=devices,
+                init=True,  # an init process forwards SIGTERM to the command, so it can checkpoint
+                detach=True,
+            )
 
     def fetch_outputs(self, outputs: tuple[str, ...], dest: Path) -> list[FetchedFile]:
         from runner.files import copy_hashed

@@ -188,7 +188,6 @@ class SshHost:
         self.runtime = runtime
         self.login = login
         self._store = store
-        self._steps = 0
         self._left_running: StepHandle | None = None
 
     def make_folders(self) -> None:
@@ -214,15 +213,21 @@ class SshHost:
             self.remote.put(local, f"{self.run_dir}/job/{name}")
 
     def run(self, request: ContainerRun, on_output: OutputSink) -> int:
-        """Start the step detached, stream its log lines until it ends; return its exit code.
+        """Start the step detached (or reattach to it), stream its log lines until it ends;
+        return its exit code.
 
-        An interrupt here (Ctrl-C, the terminal closed) leaves the step running on the host: a
-        training run must not die with the laptop's session. What a later `runner logs -f` or
-        `runner stop` needs to find it again is recorded as a `step.detached` event.
+        The step's folder is named after the step, so a resumed run finds a step an earlier
+        session started: a running or finished one is reattached (its log shown from the
+        start), never started twice; one lost with its host (no exit code, no supervisor) is
+        moved aside and started anew. An interrupt here (Ctrl-C, the terminal closed) leaves the
+        step running on the host: a training run must not die with the laptop's session. What
+        a later `runner logs -f`, `runner stop` or `runner resume` needs to find it again is
+        recorded as a `step.detached` event.
         """
-        self._steps += 1
-        step = f"{self._steps:02d}-{_STEP_CHARS.sub('-', request.name)}"[:64]
-        handle = self.runtime.start_step(self.run_dir, step, request.script, request.env, request.gpus)
+        handle = self._started_before(request.name, on_output)
+        if handle is None:
+            step = _STEP_CHARS.sub("-", request.name)[:64]
+            handle = self.runtime.start_step(self.run_dir, step, request.script, request.env, request.gpus)
         lines = Lines(on_output)
         try:
             code = self.runtime.wait(handle, STEP_TIMEOUT_S, lines.feed)
@@ -242,7 +247,27 @@ class SshHost:
             )
             raise
         lines.flush()
+        self._store.add_event(
+            self.run_id, "step.exited", name=request.name, step_dir=handle.step_dir, exit_code=code
+        )
         return code
+
+    def _started_before(self, name: str, on_output: OutputSink) -> StepHandle | None:
+        """The step an earlier session started under this name, unless it was lost."""
+        from runner.steps import StepState, step_folder
+
+        handle = self.runtime.find(step_folder(self.run_dir, _STEP_CHARS.sub("-", name)[:64]))
+        if handle is None:
+            return None
+        if self.runtime.poll(handle).state is StepState.LOST:
+            kept = self.runtime.set_aside(handle)
+            self.runtime.clean_up(self.run_dir)
+            on_output(
+                f"runner: {name} was lost with its host (no exit code); starting it again ({kept} kept)"
+            )
+            return None
+        on_output(f"runner: reattached to {name}, started by an earlier runner process; its log so far:")
+        return handle
 
     def fetch_outputs(self, outputs: tuple[str, ...], dest: Path) -> list[FetchedFile]:
         """List the outputs on the host (manifest with sha256), check every path, download each

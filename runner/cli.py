@@ -79,6 +79,32 @@ def validate(job: Path, as_json: bool) -> None:
         click.echo(f"{job}: valid job spec '{loaded.spec.name}'", err=True)
 
 
+def _driving_options(command):
+    """The options of the commands that drive a run (submit, resume)."""
+    for option in reversed(
+        (
+            click.option("-q", "--quiet", is_flag=True, help="Only print phase failures and the result."),
+            click.option("-v", "--verbose", is_flag=True, help="Also show the image build's output."),
+            click.option(
+                "--accept-new-host-key",
+                is_flag=True,
+                help="The SSH host was recreated: accept its new host key this once and pin it.",
+            ),
+            json_option,
+        )
+    ):
+        command = option(command)
+    return command
+
+
+def _report_run(result, as_json: bool) -> None:
+    if as_json:
+        _emit_json(result.to_dict())
+    else:
+        _print_result(result)
+    sys.exit(result.exit_code)
+
+
 @main.command()
 @click.argument("job", type=click.Path(dir_okay=False, path_type=Path))
 @click.option(
@@ -89,14 +115,7 @@ def validate(job: Path, as_json: bool) -> None:
     show_default=True,
     help="Folder that receives runs/<run-id>/.",
 )
-@click.option("-q", "--quiet", is_flag=True, help="Only print phase failures and the result.")
-@click.option("-v", "--verbose", is_flag=True, help="Also show the image build's output.")
-@click.option(
-    "--accept-new-host-key",
-    is_flag=True,
-    help="The SSH host was recreated: accept its new host key this once and pin it.",
-)
-@json_option
+@_driving_options
 @_errors_handled
 def submit(
     job: Path, out_dir: Path, quiet: bool, verbose: bool, accept_new_host_key: bool, as_json: bool
@@ -106,12 +125,27 @@ def submit(
     from runner.pipeline import submit as submit_job
 
     reporter = Reporter(quiet=quiet, verbose=verbose)
-    result = submit_job(job, out_dir, reporter, accept_new_host_key=accept_new_host_key)
-    if as_json:
-        _emit_json(result.to_dict())
-    else:
-        _print_result(result)
-    sys.exit(result.exit_code)
+    _report_run(submit_job(job, out_dir, reporter, accept_new_host_key=accept_new_host_key), as_json)
+
+
+@main.command()
+@click.argument("run_ref", metavar="RUN")
+@_driving_options
+@_errors_handled
+def resume(run_ref: str, quiet: bool, verbose: bool, accept_new_host_key: bool, as_json: bool) -> None:
+    """Continue RUN from its first unfinished phase, after its runner process was killed or
+    the run failed or was interrupted.
+
+    The instance it used is reused, a step it started is reattached (never started twice),
+    and teardown ends the instance's billing as usual.
+
+    Example: runner resume smoke-20261201-101500-a1b2c3
+    """
+    from runner.console import Reporter
+    from runner.pipeline import resume as resume_run
+
+    reporter = Reporter(quiet=quiet, verbose=verbose)
+    _report_run(resume_run(run_ref, reporter, accept_new_host_key=accept_new_host_key), as_json)
 
 
 @main.command()
@@ -122,13 +156,17 @@ def status(run_ref: str, as_json: bool) -> None:
     """Show one run (by id or unique id prefix): its phases and artifacts."""
     from runner.attach import remote_state
     from runner.pipeline import run_status
+    from runner.runlock import holder
 
     result = run_status(run_ref)
     left = remote_state(run_ref)
+    driver = holder(result.run.id)
     if as_json:
-        _emit_json({**result.to_dict(), "left_running": left and left.to_dict()})
+        _emit_json({**result.to_dict(), "left_running": left and left.to_dict(), "driven_by_pid": driver})
         return
     _print_result(result)
+    if result.run.status == "running" and driver is None:
+        click.echo(f"  no runner process drives this run any more: `runner resume {result.run.id}`")
     if left is not None:
         code = "" if left.exit_code is None else f" (exit code {left.exit_code})"
         click.echo(f"  {left.name} left running on {left.host}: now {left.state}{code}")

@@ -76,11 +76,15 @@ def write(ctx: RunContext, run: Run, phases: list[Phase]) -> Path:
     return path
 
 
+def read(run: Run) -> dict:
+    """The run's manifest as last written ({} if it is missing or unreadable)."""
+    try:
+        payload = json.loads((Path(run.run_dir) / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return payload if isinstance(payload, dict) else {}
+
+
 def read_artifacts(run: Run) -> list[Artifact]:
     """The artifacts a finished run recorded (none if its manifest is missing)."""
-    path = Path(run.run_dir) / "manifest.json"
-    try:
-        payload = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return []
-    return [Artifact(**item) for item in payload.get("artifacts", [])]
+    return [Artifact(**item) for item in read(run).get("artifacts", [])]

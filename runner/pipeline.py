@@ -22,9 +22,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from infra import instances
-from infra.base import ContainerRun, Host, Instance, PowerMode, Provider
+from infra.base import ContainerRun, Host, Instance, InstanceState, PowerMode, Provider
 from infra.registry import provider_for
-from runner import manifest
+from runner import manifest, runlock
 from runner.console import Reporter
 from runner.errors import EXIT_OK, EXIT_RUN_FAILED, BadInput, RunFailed, RunnerError
 from runner.files import sha256_file
@@ -54,11 +54,15 @@ class RunContext:
     inputs: list[InputRecord] = field(default_factory=list)
     artifacts: list[Artifact] = field(default_factory=list)
     failed: bool = False
+    pinned: Pinned | None = None  # set on resume: what the run used before, checked by plan
 
-    def log_sink(self, log_name: str, source: str, *, echo: bool = True) -> Callable[[str], None]:
-        """A callback that appends a line to logs/<log_name> and, if echo, shows it on the terminal."""
+    def log_sink(
+        self, log_name: str, source: str, *, echo: bool = True, fresh: bool = False
+    ) -> Callable[[str], None]:
+        """A callback that appends a line to logs/<log_name> (emptied first if fresh) and, if
+        echo, shows it on the terminal."""
         path = self.run_dir / "logs" / log_name
-        handle = path.open("a", encoding="utf-8")
+        handle = path.open("w" if fresh else "a", encoding="utf-8")
         self._open_logs.append(handle)
 
         def sink(line: str) -> None:
@@ -76,6 +80,14 @@ class RunContext:
 
     def __post_init__(self) -> None:
         self._open_logs: list = []
+
+
+@dataclass(frozen=True)
+class Pinned:
+    """What a resumed run used so far: plan must find the same image and inputs again."""
+
+    image_id: str | None
+    inputs: dict[str, str]  # local path -> sha256
 
 
 @dataclass(frozen=True)
@@ -108,30 +120,100 @@ def submit(
     provider = provider_for(loaded.spec.provider, accept_new_host_key=accept_new_host_key)
     with open_store() as store:
         run_id = _new_run_id(loaded.spec.name)
-        run_dir = _make_run_dir(out_root, run_id)
-        run = Run(
-            id=run_id,
-            job_name=loaded.spec.name,
-            spec_path=str(loaded.path),
-            spec_sha256=loaded.sha256,
-            provider=provider.type,
-            run_dir=str(run_dir),
-            status="running",
-            created_at=time.time(),
-        )
-        store.create_run(run)
-        store.add_event(run_id, "run.created", spec=str(loaded.path), provider=provider.type)
-        reporter.info(f"run {run_id} -> {run_dir}")
+        with runlock.hold(run_id):
+            run_dir = _make_run_dir(out_root, run_id)
+            run = Run(
+                id=run_id,
+                job_name=loaded.spec.name,
+                spec_path=str(loaded.path),
+                spec_sha256=loaded.sha256,
+                provider=provider.type,
+                run_dir=str(run_dir),
+                status="running",
+                created_at=time.time(),
+            )
+            store.create_run(run)
+            store.add_event(run_id, "run.created", spec=str(loaded.path), provider=provider.type)
+            reporter.info(f"run {run_id} -> {run_dir}")
+            ctx = RunContext(store, run, loaded, run_dir, provider, reporter)
+            with _signals_interrupt():
+                return _execute(ctx)
+
+
+def resume(ref: str, reporter: Reporter, *, accept_new_host_key: bool = False) -> RunResult:
+    """Drive a run that stopped before its end (its runner process killed, the laptop asleep,
+    a failure worth retrying) on from its first unfinished phase.
+
+    Plan runs again and must find the same image and inputs. Every later phase is idempotent:
+    the instance recorded is reused (booted in the mode the phase needs, or used as it runs),
+    a step started before is reattached (running or ended) instead of started twice, and
+    teardown ends the instance's billing as on any run.
+    """
+    with open_store() as store, runlock.hold(store.get_run(ref).id):
+        run = store.get_run(ref)  # again, under the lock: another process may have finished it
+        if run.status == "succeeded":
+            raise BadInput(f"run {run.id} already succeeded; nothing to resume")
+        loaded = _spec_as_run(run)
+        provider = provider_for(loaded.spec.provider, accept_new_host_key=accept_new_host_key)
+        run_dir = Path(run.run_dir)
+        for sub in ("artifacts", "logs"):
+            (run_dir / sub).mkdir(parents=True, exist_ok=True)
+        done = _finished_phases(store.phases(run.id))
+        store.abandon_phases(run.id, "the runner process driving it ended during this phase")
+        store.reopen_run(run.id)
         ctx = RunContext(store, run, loaded, run_dir, provider, reporter)
+        _restore(ctx, done)
+        resume_at = next(name for name in PHASES[1:] if name not in done)
+        store.add_event(run.id, "run.resumed", at=resume_at, previous_status=run.status)
+        reporter.info(f"resuming run {run.id} at {resume_at} -> {run_dir}")
         with _signals_interrupt():
-            return _execute(ctx)
+            return _execute(ctx, done)
 
 
-def _execute(ctx: RunContext) -> RunResult:
+def _spec_as_run(run: Run) -> LoadedSpec:
+    """The run's job spec, refused if it changed since the run began."""
+    loaded = load_spec(run.spec_path)
+    if loaded.sha256 != run.spec_sha256:
+        raise BadInput(
+            f"{run.spec_path} changed since run {run.id} began (sha256 {loaded.sha256[:12]},"
+            f" was {run.spec_sha256[:12]}); restore it to resume, or submit it as a new run"
+        )
+    return loaded
+
+
+def _finished_phases(phases: list[Phase]) -> frozenset[str]:
+    """Phases whose last attempt succeeded or was skipped. Plan is never among them (its
+    results, hashes and the pinned image, live in memory and are cheap to establish again), nor
+    teardown (it runs at the end of every session)."""
+    last = {phase.name: phase.status for phase in phases}  # ordered by start: the last attempt wins
+    return frozenset(
+        name
+        for name, status in last.items()
+        if status in ("succeeded", "skipped") and name not in ("plan", "teardown")
+    )
+
+
+def _restore(ctx: RunContext, done: frozenset[str]) -> None:
+    """What a resumed run knew before: its instance, its image and inputs, its artifacts."""
+    image_id = None
+    for event in ctx.store.events(ctx.run.id):
+        if event.kind == "instance.acquired":
+            ctx.instance_id, ctx.instance_created = event.data["id"], bool(event.data["created"])
+        elif event.kind == "image.resolved":
+            image_id = event.data["id"]
+    recorded = manifest.read(ctx.run)
+    inputs = {item["src"]: item["sha256"] for item in recorded.get("inputs", [])}
+    ctx.pinned = Pinned(image_id, inputs)
+    if "collect" in done:
+        ctx.artifacts = manifest.read_artifacts(ctx.run)
+
+
+def _execute(ctx: RunContext, done: frozenset[str] = frozenset()) -> RunResult:
     status, exit_code, error, unexpected = "succeeded", EXIT_OK, None, None
     try:
         for name in PHASES[:-1]:
-            _run_phase(ctx, name)
+            if name not in done:
+                _run_phase(ctx, name)
     except RunnerError as exc:
         status, exit_code, error = "failed", exc.exit_code, exc.message
     except KeyboardInterrupt as exc:
@@ -226,6 +308,7 @@ def _run_phase(ctx: RunContext, name: str) -> None:
         ctx.store.end_phase(ctx.run.id, name, attempt, "failed", _internal(exc))
         raise
     ctx.store.end_phase(ctx.run.id, name, attempt, "succeeded")
+    manifest.write(ctx, ctx.run, ctx.store.phases(ctx.run.id))  # what the phase learned, kept for a resume
     ctx.reporter.phase(name, "done", f"{time.monotonic() - started:.1f}s")
 
 
@@ -252,11 +335,19 @@ def _plan(ctx: RunContext) -> None:
         digest, size = sha256_file(path)
         if item.sha256 and item.sha256 != digest:
             raise BadInput(f"input {item.src}: sha256 is {digest}, the spec expects {item.sha256}")
+        was = ctx.pinned.inputs.get(str(path)) if ctx.pinned else None
+        if was is not None and was != digest:
+            raise BadInput(f"input {path} changed since the run began (sha256 {digest[:12]}, was {was[:12]})")
         ctx.inputs.append(InputRecord(src=str(path), dest=item.target, sha256=digest, bytes=size))
     build_log = ctx.log_sink("image-build.log", "image", echo=ctx.reporter.verbose)
     if ctx.loaded.spec.image.build is not None:
         ctx.reporter.info(f"building the image (log: {ctx.run_dir / 'logs' / 'image-build.log'})")
     ctx.image = resolve_image(ctx.loaded, build_log)
+    if ctx.pinned and ctx.pinned.image_id and ctx.pinned.image_id != ctx.image.image.id:
+        raise BadInput(
+            f"the job's image is now {ctx.image.image.id[:19]}, the run began with"
+            f" {ctx.pinned.image_id[:19]}; restore the image to resume, or submit a new run"
+        )
     ctx.store.add_event(ctx.run.id, "image.resolved", id=ctx.image.image.id, ref=ctx.image.image.ref)
     if ctx.loaded.spec.image.build is not None:
         write_lock(ctx.loaded, ctx.image)
@@ -265,19 +356,45 @@ def _plan(ctx: RunContext) -> None:
 
         ctx.reporter.info("reading and compressing the image's layers before any instance is billed")
         prepare_for_transfer(ctx.image.image.id)
-    manifest.write(ctx, ctx.run, ctx.store.phases(ctx.run.id))
 
 
 def _provision(ctx: RunContext) -> None:
-    """Get the instance (the spec's, or a new one) and boot it for set-up: without its GPU
-    where the provider can, so downloads, conversions and image transfers never run at GPU prices."""
+    """Get the instance (the spec's, the one this run acquired before a resume, or a new one)
+    and boot it for set-up: without its GPU where the provider can, so downloads, conversions
+    and image transfers never run at GPU prices."""
     provider = ctx.provider
-    ctx.instance_id, ctx.instance_created = provider.instance_for(ctx.run.id)
-    ctx.store.add_event(ctx.run.id, "instance.acquired", id=ctx.instance_id, created=ctx.instance_created)
-    mode = PowerMode.CPU if provider.capabilities.power_modes else PowerMode.GPU
-    if mode is PowerMode.GPU:
+    if ctx.instance_id is None:
+        ctx.instance_id, ctx.instance_created = provider.instance_for(ctx.run.id)
+        ctx.store.add_event(ctx.run.id, "instance.acquired", id=ctx.instance_id, created=ctx.instance_created)
+    if _setup_mode(ctx) is PowerMode.GPU:
         ctx.reporter.warn(f"{provider.type} instances boot with their GPU only: set-up runs at GPU prices")
-    ctx.host = provider.open_host(ctx.run.id, _boot(ctx, mode))
+    ctx.host = provider.open_host(ctx.run.id, _boot(ctx, _setup_mode(ctx)))
+
+
+def _setup_mode(ctx: RunContext) -> PowerMode:
+    return PowerMode.CPU if ctx.provider.capabilities.power_modes else PowerMode.GPU
+
+
+def _train_mode(ctx: RunContext) -> PowerMode:
+    return _setup_mode(ctx) if _skip_reason(ctx, "boot_gpu") else PowerMode.GPU
+
+
+def _open_host(ctx: RunContext, mode: PowerMode | None, *, with_image: bool) -> Host:
+    """The run's host: the one open, or (in a resumed run) opened again, its instance booted
+    in mode first (None: as it runs now, or for set-up if it is off); with_image, the image is
+    made ready for steps (finding it in place costs a listing, nothing is sent)."""
+    if ctx.host is not None:
+        return ctx.host
+    instance = None
+    if ctx.instance_id is not None:
+        if mode is None:
+            now = ctx.provider.api.describe(ctx.instance_id)
+            mode = now.mode if now.state is InstanceState.RUNNING and now.mode else _setup_mode(ctx)
+        instance = _boot(ctx, mode)
+    ctx.host = ctx.provider.open_host(ctx.run.id, instance)
+    if with_image:
+        ctx.host.ensure_image(ctx.image.image.id)
+    return ctx.host
 
 
 def _boot(ctx: RunContext, mode: PowerMode) -> Instance:
@@ -296,8 +413,7 @@ def _power_off(ctx: RunContext) -> None:
 def _stage(ctx: RunContext) -> None:
     """Ship the image, inputs and job files to the host (opened here unless provision did), then
     run the setup steps."""
-    if ctx.host is None:
-        ctx.host = ctx.provider.open_host(ctx.run.id)
+    _open_host(ctx, _setup_mode(ctx), with_image=False)
     ctx.host.ensure_image(ctx.image.image.id)
     ctx.host.put_job_file("job.yaml", ctx.loaded.text.encode("utf-8"))
     resolved = ctx.loaded.spec.model_dump(mode="json")
@@ -320,14 +436,15 @@ def _stage(ctx: RunContext) -> None:
 def _boot_gpu(ctx: RunContext) -> None:
     """Power off after set-up and boot again with the GPU; the run's files stay on the data disk.
     No GPU free: the instance stays off while the boot is retried (infra.instances.boot)."""
-    host, ctx.host = ctx.host, None
-    host.close(keep_workspace=True)
-    _power_off(ctx)
-    ctx.host = ctx.provider.open_host(ctx.run.id, _boot(ctx, PowerMode.GPU))
-    ctx.host.ensure_image(ctx.image.image.id)  # finds everything in place: nothing is sent
+    if ctx.host is not None:  # not after a resume: infra.instances.boot stops what runs
+        host, ctx.host = ctx.host, None
+        host.close(keep_workspace=True)
+        _power_off(ctx)
+    _open_host(ctx, PowerMode.GPU, with_image=True)  # finds the image in place: nothing is sent
 
 
 def _train(ctx: RunContext) -> None:
+    _open_host(ctx, _train_mode(ctx), with_image=True)
     train = ctx.loaded.spec.train
     request = ContainerRun(
         name="train",
@@ -343,7 +460,7 @@ def _collect(ctx: RunContext) -> None:
     """Bring the declared outputs home and record each file's sha256."""
     spec = ctx.loaded.spec
     artifacts_dir = ctx.run_dir / "artifacts"
-    files = ctx.host.fetch_outputs(spec.outputs, artifacts_dir)
+    files = _open_host(ctx, None, with_image=False).fetch_outputs(spec.outputs, artifacts_dir)
     for file in files:
         ctx.artifacts.append(
             Artifact(path=str(file.path.relative_to(ctx.run_dir)), sha256=file.sha256, bytes=file.bytes)
@@ -370,8 +487,11 @@ def _collect_metrics(ctx: RunContext, artifacts_dir: Path) -> None:
 
 
 def _teardown(ctx: RunContext) -> None:
-    """Close the host, then end the instance's billing, whatever happened before."""
+    """Close the host (reopened after a resume if that needs no boot, to clean it up), then
+    end the instance's billing, whatever happened before."""
     try:
+        if ctx.host is None and ctx.pinned is not None and _reachable_without_boot(ctx):
+            _open_host(ctx, None, with_image=False)
         if ctx.host is not None:
             ctx.host.close(keep_workspace=ctx.failed)
             if ctx.failed:
@@ -379,6 +499,12 @@ def _teardown(ctx: RunContext) -> None:
     finally:
         if ctx.instance_id is not None:
             _end_instance(ctx)
+
+
+def _reachable_without_boot(ctx: RunContext) -> bool:
+    if ctx.instance_id is None:
+        return not ctx.provider.capabilities.instances
+    return ctx.provider.api.describe(ctx.instance_id).state is InstanceState.RUNNING
 
 
 def _end_instance(ctx: RunContext) -> None:
@@ -409,7 +535,8 @@ def _secret_values(names: tuple[str, ...]) -> dict[str, str]:
 
 
 def _run_container(ctx: RunContext, request: ContainerRun, log_name: str) -> None:
-    code = ctx.host.run(request, ctx.log_sink(log_name, request.name))
+    # fresh: a step reattached after a resume shows its whole log again
+    code = ctx.host.run(request, ctx.log_sink(log_name, request.name, fresh=True))
     ctx.store.add_event(ctx.run.id, "container.exited", name=request.name, exit_code=code)
     if code != 0:
         log = ctx.run_dir / "logs" / log_name

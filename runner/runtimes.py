@@ -76,6 +76,11 @@ class Runtime(Protocol):
     ) -> StepHandle:
         """Start one step of the prepared image, detached."""
 
+    def find(self, step_dir: str) -> StepHandle | None:
+        """The step started in step_dir by an earlier session, or None."""
+
+    def set_aside(self, handle: StepHandle) -> str: ...
+
     def poll(self, handle: StepHandle) -> StepStatus: ...
 
     def wait(self, handle: StepHandle, timeout: float, on_output=None, offset: int = 0) -> int: ...

@@ -30,14 +30,31 @@ _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
 # Creates the step folder $1, private (its command.json holds the environment), unless the
 # step was started before: a step runs once (run_detached.py checks again, against races).
 _NEW_STEP_SH = (
-    'mkdir -p -m 700 -- "$1" && for f in pid exit_code; do '
+    'mkdir -p -m 700 -- "$1" && for f in supervisor.pid pid exit_code; do '
     '[ ! -e "$1/$f" ] || { echo "step already started" >&2; exit 3; }; done'
 )
+# The command's pid if the step in folder $1 was started (0 if its command could not start),
+# nothing if it never was. A supervisor caught between its start and the command's is given
+# 30 s to write either file; "0" after that (poll then tells it was lost).
+_FIND_SH = """d=$1
+[ -f "$d/supervisor.pid" ] || exit 0
+i=0
+while [ ! -f "$d/pid" ] && [ ! -f "$d/exit_code" ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i + 1)); done
+if [ -f "$d/pid" ]; then cat "$d/pid"; else echo 0; fi"""
+# Moves the step folder $1 aside as $1.1, $1.2, ... (the first free name) and prints that name.
+_SET_ASIDE_SH = 'n=1; while [ -e "$1.$n" ]; do n=$((n + 1)); done; mv -T -- "$1" "$1.$n" && echo "$1.$n"'
 # "exited CODE", "running" or "lost" for the step folder $1. exit_code is looked at again
-# after the supervisor is found gone: it writes the file just before it ends.
+# after the supervisor is found gone: it writes the file just before it ends. The supervisor
+# counts as alive only if its pid runs *and* started when it did (supervisor.start): after the
+# host restarts, its pid may belong to some other process.
 _POLL_SH = """d=$1
+alive() {
+  p=$(cat "$d/supervisor.pid" 2>/dev/null) && kill -0 "$p" 2>/dev/null || return 1
+  [ -f "$d/supervisor.start" ] || return 0
+  [ "$(cut -d' ' -f22 "/proc/$p/stat" 2>/dev/null)" = "$(cat "$d/supervisor.start")" ]
+}
 if [ -f "$d/exit_code" ]; then echo "exited $(cat "$d/exit_code")"
-elif [ -f "$d/supervisor.pid" ] && kill -0 "$(cat "$d/supervisor.pid")" 2>/dev/null; then echo running
+elif alive; then echo running
 elif [ -f "$d/exit_code" ]; then echo "exited $(cat "$d/exit_code")"
 else echo lost; fi"""
 # Up to $3 bytes of the log $1 from byte offset $2, base64 encoded (the log may not be text).
@@ -82,6 +99,17 @@ class DetachedSteps:
         result = self.host.run(["python3", self._ship("run_detached.py"), step_dir], timeout=120)
         self._check(result, f"start {step_dir}")
         return StepHandle(step_dir, int(result.stdout.split()[-1]))
+
+    def find(self, step_dir: str) -> StepHandle | None:
+        """The step started in step_dir by any earlier session, or None if it never was: a
+        controller that resumes a run reattaches to its step instead of starting it twice."""
+        out = self._check(self.host.run(["sh", "-c", _FIND_SH, "sh", step_dir], timeout=60), "look up").stdout
+        return StepHandle(step_dir, int(out.split()[-1])) if out.strip() else None
+
+    def set_aside(self, handle: StepHandle) -> str:
+        """Move a lost step's folder aside (kept for inspection), so the step can start anew."""
+        result = self.host.run(["sh", "-c", _SET_ASIDE_SH, "sh", handle.step_dir])
+        return self._check(result, f"move {handle.step_dir} aside").stdout.strip()
 
     def _ship(self, script: str) -> str:
         """Put a helper script in the host's runner/bin (sent only when it changed)."""

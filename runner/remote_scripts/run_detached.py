@@ -10,7 +10,8 @@ command gets exactly ``env``, plus this host's own values of the names in ``inhe
 A supervisor process, in a session of its own, starts the command in a further session (so a
 signal sent to the command's process group never reaches the supervisor), and writes:
 
-- ``STEP_DIR/supervisor.pid``: the supervisor, alive until the exit code is written;
+- ``STEP_DIR/supervisor.pid``: the supervisor, alive until the exit code is written (and
+  ``supervisor.start``, its start time, so a later process with the same pid is not taken for it);
 - ``STEP_DIR/pid``: the command, which leads its own process group (stop it with ``kill -- -PID``);
 - ``STEP_DIR/log``: the command's stdout and stderr together;
 - ``STEP_DIR/exit_code``: written atomically once the command ended, whatever the reason
@@ -29,7 +30,7 @@ import subprocess
 import sys
 import time
 
-STARTED = ("pid", "exit_code")
+STARTED = ("supervisor.pid", "pid", "exit_code")
 
 
 def write_atomic(path: str, text: str) -> None:
@@ -60,12 +61,20 @@ def supervise(step_dir: str, argv: list, env: dict) -> int:
     return code
 
 
+def start_time(pid: int) -> str:
+    """When the process started (clock ticks since boot, /proc/PID/stat field 22): with the
+    pid, it tells this supervisor from a later process that got the same pid."""
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[19]
+
+
 def detach(step_dir: str, spec: dict) -> None:
     """In the forked child: leave the SSH session for good, then supervise."""
     os.setsid()
     null = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):  # sshd waits for these pipes to close before it ends the channel
         os.dup2(null, fd)
+    write_atomic(os.path.join(step_dir, "supervisor.start"), f"{start_time(os.getpid())}\n")
     write_atomic(os.path.join(step_dir, "supervisor.pid"), f"{os.getpid()}\n")
     try:
         inherited = {name: os.environ[name] for name in spec.get("inherit", []) if name in os.environ}
@@ -76,7 +85,7 @@ def detach(step_dir: str, spec: dict) -> None:
 
 def wait_started(step_dir: str, timeout: float = 30.0) -> int:
     """The command's pid once the supervisor wrote it (0 if the command failed to start)."""
-    pid_file, exit_file = (os.path.join(step_dir, name) for name in STARTED)
+    pid_file, exit_file = (os.path.join(step_dir, name) for name in ("pid", "exit_code"))
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         ended = os.path.exists(exit_file)  # looked at first: pid is written before exit_code

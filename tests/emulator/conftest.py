@@ -6,7 +6,9 @@ base image; every container the emulator created is removed in teardown.
 
 from __future__ import annotations
 
+import io
 import json
+import os
 import secrets
 import socket
 import subprocess
@@ -24,8 +26,7 @@ from infra.emulator import instances
 from infra.emulator.server import EmulatorServer
 from infra.emulator.service import Emulator
 from infra.emulator.state import Config
-
-BASE_IMAGE = "runner-base/bookworm:minbase"
+from tests.emulator.cloud import BASE_IMAGE, runner
 
 
 @dataclass
@@ -142,3 +143,32 @@ def emulator(instance_image, emulator_home):
         service.close(power_off=False)
         for name in instances.containers_of(emulator_home):
             instances.remove(name)
+
+
+@pytest.fixture(scope="module")
+def cloud(tmp_path_factory, instance_image):
+    """An emulator started as a user starts it (`runner emulator up`; 2 CPUs in no-GPU mode, so
+    the rehearsal is quick) and the environment that reaches it; purged afterwards."""
+    home = tmp_path_factory.mktemp("emulated-home")
+    env = {**os.environ, "RUNNER_HOME": str(home), "RUNNER_EMULATOR_BASE": BASE_IMAGE}
+    up = runner(env, "emulator", "up", "--boot-delay", "1", "--cpu-mode-cpus", "2")
+    assert up.returncode == 0, up.stderr
+    try:
+        yield env
+    finally:
+        runner(env, "emulator", "down", "--purge")
+
+
+@pytest.fixture(scope="module")
+def tiny_image() -> str:
+    """A small image on the base, so a whole emulated run takes seconds."""
+    import docker
+
+    client = docker.from_env()
+    dockerfile = f"FROM {BASE_IMAGE}\nRUN echo emulated > /banner\n"
+    built, _ = client.images.build(
+        fileobj=io.BytesIO(dockerfile.encode()), tag="runner-test/emulated:tiny", rm=True
+    )
+    yield built.id
+    client.images.remove(built.id, force=True)
+    client.close()

@@ -5,104 +5,14 @@ happened, asserted from the emulator's own power log and the run's recorded phas
 from __future__ import annotations
 
 import hashlib
-import io
 import json
-import os
 import subprocess
 import sys
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from runner.store import Store
-
-REPO = Path(__file__).parents[2]
-BASE_IMAGE = "runner-base/bookworm:minbase"
-e2e = [pytest.mark.integration, pytest.mark.e2e]
-
-
-@pytest.fixture(scope="module")
-def cloud(tmp_path_factory, instance_image):
-    """A running emulator (2 CPUs in no-GPU mode, so the rehearsal is quick) and the environment
-    that reaches it; everything it made is purged afterwards."""
-    home = tmp_path_factory.mktemp("emulated-home")
-    env = {**os.environ, "RUNNER_HOME": str(home), "RUNNER_EMULATOR_BASE": BASE_IMAGE}
-    up = runner(env, "emulator", "up", "--boot-delay", "1", "--cpu-mode-cpus", "2")
-    assert up.returncode == 0, up.stderr
-    try:
-        yield env
-    finally:
-        runner(env, "emulator", "down", "--purge")
-
-
-def runner(env: dict, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    argv = [sys.executable, "-m", "runner", *args]
-    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def admin(env: dict, path: str, body: dict | None = None) -> object:
-    """The emulator's own API (power log, faults), with the token from its private folder."""
-    folder = Path(env["RUNNER_HOME"]) / "emulator"
-    url = json.loads((folder / "server.json").read_text())["url"]
-    token = (folder / "token").read_text().strip()
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url + path, data=data, headers={"Authorization": token})
-    with urllib.request.urlopen(request, timeout=30) as answer:
-        return json.loads(answer.read())["data"]
-
-
-def submit(env: dict, spec: Path, timeout: float = 900) -> tuple[int, dict, str]:
-    out = spec.parent / "runs"
-    done = runner(env, "submit", str(spec), "--json", "--out", str(out), timeout=timeout)
-    return done.returncode, json.loads(done.stdout), done.stderr
-
-
-def intervals(env: dict, run_id: str) -> list[dict]:
-    """The power log of the run's instance, in order."""
-    with Store(Path(env["RUNNER_HOME"])) as store:
-        (acquired,) = [e.data for e in store.events(run_id) if e.kind == "instance.acquired"]
-    log = admin(env, "/emulator/v1/power_log")
-    return sorted((i for i in log if i["instance_uuid"] == acquired["id"]), key=lambda i: i["started_at"])
-
-
-def phase_times(env: dict, run_id: str) -> dict[str, tuple[float, float]]:
-    with Store(Path(env["RUNNER_HOME"])) as store:
-        return {p.name: (p.started_at, p.ended_at) for p in store.phases(run_id) if p.status == "succeeded"}
-
-
-def within(span: tuple[float, float], interval: dict) -> bool:
-    return interval["started_at"] <= span[0] and span[1] <= interval["ended_at"]
-
-
-@pytest.fixture(scope="module")
-def tiny_image() -> str:
-    import docker
-
-    client = docker.from_env()
-    dockerfile = f"FROM {BASE_IMAGE}\nRUN echo emulated > /banner\n"
-    built, _ = client.images.build(
-        fileobj=io.BytesIO(dockerfile.encode()), tag="runner-test/emulated:tiny", rm=True
-    )
-    yield built.id
-    client.images.remove(built.id, force=True)
-    client.close()
-
-
-def tiny_job(folder: Path, image_id: str, name: str, train: str, gpu_wait_s: int = 300) -> Path:
-    spec = folder / f"{name}.yaml"
-    spec.write_text(
-        f"""name: {name}
-provider: {{type: emulator, gpu_wait_s: {gpu_wait_s}, boot_timeout_s: 120}}
-image: {{ref: '{image_id}'}}
-setup:
-  - {{name: prepare, run: 'cat /banner > /data/prepared'}}
-train: {{gpus: 1, run: {json.dumps(train)}}}
-outputs: [/out/result]
-""",
-        encoding="utf-8",
-    )
-    return spec
+from tests.emulator.cloud import REPO, admin, intervals, phase_times, runner, submit, tiny_job, within
 
 
 @pytest.mark.integration

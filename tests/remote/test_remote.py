@@ -301,7 +301,11 @@ def test_a_corrupted_remote_file_is_detected_and_replaced(remote, sshd_host, pay
     local, sha = payload
     target = f"{remote_dir}/payload.bin"
     remote.put(local, target)
-    sshd_host.exec("sh", "-c", f"printf X | dd of={target} bs=1 seek=4096 conv=notrunc status=none")
+    flipped = f"{local.read_bytes()[4096] ^ 0xFF:03o}"  # a byte that surely differs, in octal for printf
+    sshd_host.exec(
+        "sh", "-c", f"printf '\\{flipped}' | dd of={target} bs=1 seek=4096 conv=notrunc status=none"
+    )
+    assert sshd_host.exec("stat", "-c", "%s", target).stdout.strip() == str(SIZE)
     assert remote.sha256(target) != sha
     assert remote.put(local, target).bytes_sent == SIZE
     assert remote.sha256(target) == sha

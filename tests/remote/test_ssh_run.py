@@ -288,6 +288,13 @@ def test_an_interrupted_controller_leaves_the_step_running_and_logs_f_reattaches
     assert "train on root@" in follow.stderr and "exited with code 0" in follow.stderr
     assert not ssh_host.busy()
 
+    resumed = cli(job_folder, "resume", run_id, "--json", timeout=RUN_TIMEOUT_S)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]  # the step is not started again: collected
+    assert json.loads(resumed.stdout)["status"] == "succeeded"
+    train_log = (Path(payload["run_dir"]) / "logs" / "train.log").read_text().splitlines()
+    assert train_log[0].startswith("runner: reattached to train") and train_log[1:] == ["started", "finished"]
+    assert not ssh_host.exists(f"{ssh_host.data_dir}/runner/runs/{run_id}")  # cleaned up at the end
+
 
 @whole_run
 def test_runner_stop_ends_a_step_left_running(job_folder, ssh_host, image_id):
@@ -300,7 +307,7 @@ def test_runner_stop_ends_a_step_left_running(job_folder, ssh_host, image_id):
     assert stopped.returncode == 0, stopped.stderr
     assert "stopped train on root@" in stopped.stderr
     assert not ssh_host.busy()
-    assert ssh_host.exists(f"{ssh_host.data_dir}/runner/runs/{run_id}/steps/02-train/exit_code")
+    assert ssh_host.exists(f"{ssh_host.data_dir}/runner/runs/{run_id}/steps/train/exit_code")
     again = cli(job_folder, "stop", run_id)
     assert again.returncode == 2 and "has no step left running on a host" in again.stderr
 

@@ -55,7 +55,7 @@ class InProcessProvider:
     def __init__(self, host: FailingHost) -> None:
         self.host = host
 
-    def open_host(self, run_id: str) -> FailingHost:
+    def open_host(self, run_id: str, instance: object = None) -> FailingHost:
         return self.host
 
 
