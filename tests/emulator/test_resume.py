@@ -60,8 +60,11 @@ KILL_POINTS = {
 }
 
 
-def submit_until(env: dict, spec: Path, seen: Seen, timeout: float = 300) -> str:
-    """Start `runner submit`, SIGKILL it once seen(...) holds, return the run's id."""
+def submit_until(
+    env: dict, spec: Path, seen: Seen, timeout: float = 300, signum: int = signal.SIGKILL
+) -> str:
+    """Start `runner submit`, send it signum (SIGKILL) once seen(...) holds and wait for its
+    end; return the run's id."""
     out = spec.parent / "runs"
     argv = [sys.executable, "-m", "runner", "submit", str(spec), "--out", str(out)]
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -79,8 +82,8 @@ def submit_until(env: dict, spec: Path, seen: Seen, timeout: float = 300) -> str
                         break
             time.sleep(0.1)
     finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
+        proc.send_signal(signum)
+        proc.wait(timeout=300)
         proc.stderr.close()
     return run_id
 
@@ -107,6 +110,22 @@ def test_resume_after_sigkill_finishes_with_each_step_run_once(cloud, tmp_path, 
     with Store(Path(cloud["RUNNER_HOME"])) as store:
         assert not [p for p in store.phases(run_id) if p.status == "running"]
         assert [e.data["at"] for e in store.events(run_id) if e.kind == "run.resumed"]
+
+
+def test_a_trainer_lost_with_the_power_off_starts_again_on_resume(cloud, tmp_path, tiny_image):
+    """SIGTERM mid-training: teardown powers the instance off, which ends the trainer without an
+    exit code. The resume boots the GPU again, finds the step lost (not running: its supervisor's
+    pid may have been reused after the reboot, its start time tells) and starts it anew."""
+    spec = tiny_job(tmp_path, tiny_image, "lost-trainer", TRAIN, setup=SETUP)
+    run_id = submit_until(cloud, spec, log_has("train.log", "training"), signum=signal.SIGTERM)
+
+    done = runner(cloud, "resume", run_id, "--json", timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "train was lost with its host (no exit code); starting it again" in done.stderr
+    run_dir = Path(json.loads(done.stdout)["run_dir"])
+    assert (run_dir / "artifacts" / "result").read_text() == "emulated\n1\n2\n"  # set-up once, train twice
+    log = intervals(cloud, run_id)
+    assert [i["mode"] for i in log] == ["non_gpu", "gpu", "gpu"] and all(i["ended_at"] for i in log)
 
 
 def test_resume_refuses_a_finished_run_and_a_changed_spec(cloud, tmp_path, tiny_image):
