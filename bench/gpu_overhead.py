@@ -30,7 +30,7 @@ def measure(env: dict, spec: Path, boot_delay: float) -> dict:
     if code != 0:
         raise SystemExit(f"the run failed ({code}): {stderr[-2000:]}")
     run_id = payload["run_id"]
-    cpu, gpu = intervals(env, run_id)
+    cpu, gpu, collect = intervals(env, run_id)  # set-up, training, collecting
     with Store(Path(env["RUNNER_HOME"])) as store:
         train = next(p for p in store.phases(run_id) if p.name == "train" and p.status == "succeeded")
         (trained,) = [
@@ -42,8 +42,8 @@ def measure(env: dict, spec: Path, boot_delay: float) -> dict:
         "gpu_mode_s": round(gpu["seconds"], 2),
         "train_command_s": round(train_command_s, 2),
         "gpu_overhead_s": round(gpu["seconds"] - train_command_s - boot_delay, 2),
-        "no_gpu_mode_s": round(cpu["seconds"], 2),
-        "cost": round(cpu["cost"] + gpu["cost"], 4),
+        "no_gpu_mode_s": round(cpu["seconds"] + collect["seconds"], 2),
+        "cost": round(cpu["cost"] + gpu["cost"] + collect["cost"], 4),
     }
 
 

@@ -54,6 +54,18 @@ class Capabilities:
 
 
 @dataclass(frozen=True)
+class Guard:
+    """What the on-host watchdog of a training step does (runner/remote_scripts/watchdog.py);
+    the `watchdog` section of the spec, plus where the trainer writes its metrics."""
+
+    metrics: str  # a path under /out
+    stall_s: float | None
+    heartbeat_s: float | None
+    grace_s: float
+    interval_s: float
+
+
+@dataclass(frozen=True)
 class ContainerRun:
     """One command to run in the job's image, with the standard mounts (/data, /job, /out)."""
 
@@ -62,6 +74,7 @@ class ContainerRun:
     script: str
     env: dict[str, str] = field(default_factory=dict)
     gpus: int = 0
+    guard: Guard | None = None  # hosts that can run a watchdog next to the step start one
 
 
 @dataclass(frozen=True)
@@ -98,12 +111,18 @@ class Host(Protocol):
     def run(self, request: ContainerRun, on_output: OutputSink) -> int:
         """Run the command to completion, streaming its output lines; return its exit code."""
 
+    def step_ended(self, name: str) -> bool:
+        """Whether the step named was started (by any session) and has ended."""
+
     def fetch_outputs(self, outputs: tuple[str, ...], dest: Path) -> list[FetchedFile]:
         """Copy the given /out paths (files or folders) under dest; return the local files with
         the sha256 of what was written (so nobody has to read them again).
 
         Raises RunFailed when a declared output is missing, and refuses anything that is
         not a regular file inside /out (symlinks, devices)."""
+
+    def fetch_host_log(self, name: str, dest: Path) -> bool:
+        """Copy a log the host itself wrote for the run (the watchdog's) to dest; False if none."""
 
     def close(self, *, keep_workspace: bool) -> None:
         """Stop and remove anything left running; drop the workspace unless asked to keep it."""

@@ -81,6 +81,10 @@ class LocalHost:
         finally:
             _dispose(container, request.name)
 
+    def step_ended(self, name: str) -> bool:
+        container = self._started_before(name)
+        return container is not None and container.status == "exited"
+
     def _started_before(self, name: str):
         with engine_errors(f"looking for {name}"):
             labels = [f"{LABEL}={self.run_id}", f"{STEP_LABEL}={name}"]
@@ -126,6 +130,9 @@ class LocalHost:
         if missing:
             raise RunFailed(f"declared outputs were not written: {', '.join(missing)}")
         return copied
+
+    def fetch_host_log(self, name: str, dest: Path) -> bool:
+        return False  # nothing runs next to the steps on this machine
 
     def close(self, *, keep_workspace: bool) -> None:
         with engine_errors("removing the run's containers"):

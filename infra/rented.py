@@ -29,6 +29,14 @@ if TYPE_CHECKING:
     RentedSettings = AutodlSettings | EmulatorSettings | AwsSpec
 
 EMULATOR_IMAGE = "runner-emulator"  # what the emulator's create call is given as the image
+# Run on the instance to power it off from inside (the watchdog's way to end GPU billing):
+# AutoDL (and the emulator) power an instance off when `shutdown` runs in it; an EC2 instance
+# stops on an OS shutdown (its default shutdown behaviour), which needs root there.
+POWER_OFF = {
+    "autodl": ("shutdown",),
+    "emulator": ("shutdown",),
+    "aws": ("sudo", "-n", "shutdown", "-h", "now"),
+}
 
 
 class RentedProvider:
@@ -76,6 +84,7 @@ class RentedProvider:
             settings.runtime,
             settings.limits,
             accept_new_host_key=self.accept_new_host_key,
+            power_off=POWER_OFF[self.type],
         )
 
 

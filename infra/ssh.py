@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from infra.base import Capabilities, ContainerRun, FetchedFile, Instance, Lines, OutputSink
+from infra.base import Capabilities, ContainerRun, FetchedFile, Guard, Instance, Lines, OutputSink
 from runner.errors import BadInput, ProviderFailure, RunFailed
 from runner.remote import Endpoint, RemoteHost, check_remote_path
 
@@ -92,6 +92,8 @@ print(text)
 # Removes a run folder; files a step made read-only are made writable first.
 _REMOVE_SH = '[ -e "$1" ] || exit 0; chmod -R u+w -- "$1" 2>/dev/null; rm -rf -- "$1"'
 _STEP_CHARS = re.compile(r"[^A-Za-z0-9_.-]+")
+# What the watchdog may take from the host's environment: where its tools (docker, shutdown) are.
+WATCHDOG_ENV = ("PATH", "DOCKER_HOST", "DOCKER_CONFIG")
 
 
 class SshProvider:
@@ -126,6 +128,7 @@ def open_ssh_host(
     limits: StepLimits | None,
     *,
     accept_new_host_key: bool = False,
+    power_off: tuple[str, ...] = (),
 ) -> SshHost:
     """Connect, pick the runtime and make the run's folders: the host for one run, on any machine
     reached by SSH (a host of the ssh provider, or a rented instance once it is up)."""
@@ -136,7 +139,7 @@ def open_ssh_host(
     try:
         remote = RemoteHost(endpoint, store, accept_new_host_key=accept_new_host_key)
         chosen = open_runtime(remote, data_dir, runtime, limits)
-        host = SshHost(run_id, remote, store, data_dir, chosen, login)
+        host = SshHost(run_id, remote, store, data_dir, chosen, login, power_off)
         host.make_folders()
     except BaseException:
         store.close()
@@ -179,9 +182,17 @@ class SshHost:
     """One run's folders and steps on an SSH host, in the runtime chosen for it."""
 
     def __init__(
-        self, run_id: str, remote: RemoteHost, store: Store, data_dir: str, runtime: Runtime, login: Login
+        self,
+        run_id: str,
+        remote: RemoteHost,
+        store: Store,
+        data_dir: str,
+        runtime: Runtime,
+        login: Login,
+        power_off: tuple[str, ...] = (),
     ) -> None:
         self.run_id = run_id
+        self.power_off = power_off  # run on the host to end its billing (a rented instance's `shutdown`)
         self.remote = remote
         self.data_dir = data_dir
         self.run_dir = check_remote_path(f"{data_dir}/runner/runs/{run_id}")
@@ -224,10 +235,17 @@ class SshHost:
         a later `runner logs -f`, `runner stop` or `runner resume` needs to find it again is
         recorded as a `step.detached` event.
         """
+        from runner.steps import StepState
+
         handle = self._started_before(request.name, on_output)
+        if request.guard is not None and (
+            handle is None or self.runtime.poll(handle).state is StepState.RUNNING
+        ):
+            self._start_watchdog(request.name, request.guard)
         if handle is None:
-            step = _STEP_CHARS.sub("-", request.name)[:64]
-            handle = self.runtime.start_step(self.run_dir, step, request.script, request.env, request.gpus)
+            handle = self.runtime.start_step(
+                self.run_dir, _step_name(request.name), request.script, request.env, request.gpus
+            )
         lines = Lines(on_output)
         try:
             code = self.runtime.wait(handle, STEP_TIMEOUT_S, lines.feed)
@@ -252,11 +270,48 @@ class SshHost:
         )
         return code
 
+    def step_ended(self, name: str) -> bool:
+        """Whether the step was started (by any session) and has ended with an exit code."""
+        from runner.steps import StepState, step_folder
+
+        handle = self.runtime.find(step_folder(self.run_dir, _step_name(name)))
+        return handle is not None and self.runtime.poll(handle).state is StepState.EXITED
+
+    def _start_watchdog(self, step: str, guard: Guard) -> None:
+        """Start the step's watchdog (remote_scripts/watchdog.py) unless one already guards it:
+        it powers the host off (self.power_off) once the step ends, and stops a stuck step."""
+        from runner.docker_runtime import DockerRuntime, container_name
+        from runner.steps import StepState, step_folder
+
+        watch_dir = step_folder(self.run_dir, "watchdog")
+        running = self.runtime.find(watch_dir)
+        if running is not None and self.runtime.poll(running).state is StepState.RUNNING:
+            return
+        if running is not None:
+            self.runtime.set_aside(running)
+        step_dir = step_folder(self.run_dir, _step_name(step))
+        config = {
+            "step_dir": step_dir,
+            "metrics": f"{self.run_dir}/out/{posixpath.relpath(guard.metrics, OUT_ROOT)}",
+            "stall_s": guard.stall_s,
+            "heartbeat_s": guard.heartbeat_s,
+            "grace_s": guard.grace_s,
+            "interval_s": guard.interval_s,
+            "container": container_name(step_dir) if isinstance(self.runtime, DockerRuntime) else None,
+            "power_off": list(self.power_off) or None,
+            "log": f"{self.run_dir}/watchdog.log",
+        }
+        script = self.runtime.ship("watchdog.py")
+        self.runtime.put_json(f"{self.run_dir}/watchdog.json", config)
+        self.runtime.launch(
+            watch_dir, ["python3", script, f"{self.run_dir}/watchdog.json"], {}, inherit=WATCHDOG_ENV
+        )
+
     def _started_before(self, name: str, on_output: OutputSink) -> StepHandle | None:
         """The step an earlier session started under this name, unless it was lost."""
         from runner.steps import StepState, step_folder
 
-        handle = self.runtime.find(step_folder(self.run_dir, _STEP_CHARS.sub("-", name)[:64]))
+        handle = self.runtime.find(step_folder(self.run_dir, _step_name(name)))
         if handle is None:
             return None
         if self.runtime.poll(handle).state is StepState.LOST:
@@ -294,6 +349,14 @@ class SshHost:
             fetched.append(FetchedFile(target, transfer.sha256, transfer.size))
         return fetched
 
+    def fetch_host_log(self, name: str, dest: Path) -> bool:
+        """Bring a log the host wrote in the run's folder (the watchdog's) to dest, if it exists."""
+        path = check_remote_path(f"{self.run_dir}/{name}")
+        if self.remote.run(["test", "-f", path]).exit_code != 0:
+            return False
+        self.remote.get(path, dest)
+        return True
+
     def _outputs_manifest(self, outputs: tuple[str, ...]) -> dict:
         wanted = [posixpath.relpath(path, OUT_ROOT) for path in outputs]
         argv = ["python3", "-c", _MANIFEST_PY, f"{self.run_dir}/out", f"{self.run_dir}/{MANIFEST_NAME}"]
@@ -327,6 +390,11 @@ class SshHost:
 
     def _where(self) -> str:
         return self.remote.endpoint.address
+
+
+def _step_name(name: str) -> str:
+    """The step's folder name on the host: the same in every session, so a resume finds it."""
+    return _STEP_CHARS.sub("-", name)[:64]
 
 
 def _checked_files(listing: dict) -> list[dict]:

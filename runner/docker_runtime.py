@@ -147,8 +147,8 @@ class DockerRuntime(DetachedSteps):
             ],
         }
         plan_file = f"{self.base}/images/{digest_hex(layers.image_id)}.load.json"
-        self._put_json(plan_file, plan)
-        result = self.host.run(["python3", self._ship("load_image.py"), plan_file], timeout=3600)
+        self.put_json(plan_file, plan)
+        result = self.host.run(["python3", self.ship("load_image.py"), plan_file], timeout=3600)
         self._check(result, f"docker load {layers.image_id}")
         if not self._engine_has(layers.image_id):
             raise ProviderFailure(

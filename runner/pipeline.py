@@ -8,6 +8,7 @@ the run started may outlive it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import posixpath
@@ -20,19 +21,21 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TypeVar
 
 from infra import instances
-from infra.base import ContainerRun, Host, Instance, InstanceState, PowerMode, Provider
+from infra.base import ContainerRun, Guard, Host, Instance, InstanceState, PowerMode, Provider
 from infra.registry import provider_for
 from runner import manifest, runlock
 from runner.console import Reporter
-from runner.errors import EXIT_OK, EXIT_RUN_FAILED, BadInput, RunFailed, RunnerError
+from runner.errors import EXIT_OK, EXIT_RUN_FAILED, BadInput, ProviderFailure, RunFailed, RunnerError
 from runner.files import sha256_file
 from runner.images import ResolvedImage, resolve_image, write_lock
 from runner.manifest import Artifact, InputRecord
 from runner.spec import LoadedSpec, load_spec
 from runner.store import Phase, Run, Store, open_store
 
+T = TypeVar("T")
 PHASES = ("plan", "provision", "stage", "boot_gpu", "train", "collect", "teardown")
 EXIT_INTERRUPTED = 130
 
@@ -72,6 +75,10 @@ class RunContext:
                 self.reporter.output(source, line)
 
         return sink
+
+    @property
+    def resumed(self) -> bool:
+        return self.pinned is not None
 
     def close_logs(self) -> None:
         for handle in self._open_logs:
@@ -387,10 +394,7 @@ def _open_host(ctx: RunContext, mode: PowerMode | None, *, with_image: bool) -> 
         return ctx.host
     instance = None
     if ctx.instance_id is not None:
-        if mode is None:
-            now = ctx.provider.api.describe(ctx.instance_id)
-            mode = now.mode if now.state is InstanceState.RUNNING and now.mode else _setup_mode(ctx)
-        instance = _boot(ctx, mode)
+        instance = _boot(ctx, mode or _running_mode(ctx) or _setup_mode(ctx))
     ctx.host = ctx.provider.open_host(ctx.run.id, instance)
     if with_image:
         ctx.host.ensure_image(ctx.image.image.id)
@@ -437,30 +441,88 @@ def _boot_gpu(ctx: RunContext) -> None:
     """Power off after set-up and boot again with the GPU; the run's files stay on the data disk.
     No GPU free: the instance stays off while the boot is retried (infra.instances.boot)."""
     if ctx.host is not None:  # not after a resume: infra.instances.boot stops what runs
-        host, ctx.host = ctx.host, None
-        host.close(keep_workspace=True)
+        _drop_host(ctx)
         _power_off(ctx)
     _open_host(ctx, PowerMode.GPU, with_image=True)  # finds the image in place: nothing is sent
 
 
 def _train(ctx: RunContext) -> None:
-    _open_host(ctx, _train_mode(ctx), with_image=True)
-    train = ctx.loaded.spec.train
+    """Run the trainer with its watchdog next to it. The watchdog powers a rented instance off as
+    soon as the trainer ends, which may cut this session before it saw the end: then the
+    instance is booted without its GPU and the step's recorded end is read there."""
+    spec = ctx.loaded.spec
+    train, watchdog = spec.train, spec.watchdog
     request = ContainerRun(
         name="train",
         image_id=ctx.image.image.id,
         script=train.run,
         env={**train.env, **_secret_values(train.secrets)},
         gpus=train.gpus,
+        guard=Guard(
+            train.metrics, watchdog.stall_s, watchdog.heartbeat_s, watchdog.grace_s, watchdog.interval_s
+        ),
     )
-    _run_container(ctx, request, "train.log")
+    if _off_after_training(ctx):
+        ctx.reporter.info("the instance is off: looking for the trainer's end on a boot without the GPU")
+        if not _open_host(ctx, _setup_mode(ctx), with_image=True).step_ended(request.name):
+            _drop_host(ctx)
+    _open_host(ctx, _train_mode(ctx), with_image=True)
+    _surviving_power_off(ctx, lambda: _run_container(ctx, request, "train.log"))
+
+
+def _off_after_training(ctx: RunContext) -> bool:
+    """Whether a resumed run finds its instance off where training needs the GPU: the trainer
+    may have ended and its watchdog powered off, which a boot without the GPU can tell."""
+    return (
+        ctx.host is None
+        and ctx.instance_id is not None
+        and _train_mode(ctx) is not _setup_mode(ctx)
+        and _instance_state(ctx) is not InstanceState.RUNNING
+    )
+
+
+def _surviving_power_off(ctx: RunContext, action: Callable[[], T]) -> T:
+    """action() on the run's host; if the host was lost because the instance powered itself off
+    meanwhile (its watchdog), boot it without the GPU and do action() again there."""
+    try:
+        return action()
+    except ProviderFailure:
+        if ctx.instance_id is None or not _going_off(ctx):
+            raise
+    ctx.reporter.info(f"instance {ctx.instance_id} powered itself off (watchdog); booting it without the GPU")
+    _drop_host(ctx)
+    _open_host(ctx, _setup_mode(ctx), with_image=True)
+    return action()
+
+
+def _going_off(ctx: RunContext, within_s: float = 30.0) -> bool:
+    """Whether the instance stops (or stopped) within within_s: a host lost for that reason."""
+    deadline = time.monotonic() + within_s
+    while _instance_state(ctx) is InstanceState.RUNNING:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(1.0)
+    return True
+
+
+def _drop_host(ctx: RunContext) -> None:
+    """Let go of the host without removing the run's files; one already gone is fine."""
+    host, ctx.host = ctx.host, None
+    if host is not None:
+        with contextlib.suppress(ProviderFailure):
+            host.close(keep_workspace=True)
 
 
 def _collect(ctx: RunContext) -> None:
-    """Bring the declared outputs home and record each file's sha256."""
+    """Bring the declared outputs home and record each file's sha256. A rented instance is
+    collected from on a boot without its GPU: its watchdog powers it off as training ends."""
     spec = ctx.loaded.spec
     artifacts_dir = ctx.run_dir / "artifacts"
-    files = _open_host(ctx, None, with_image=False).fetch_outputs(spec.outputs, artifacts_dir)
+    if ctx.instance_id is not None and _running_mode(ctx) is not _setup_mode(ctx):
+        _drop_host(ctx)
+        _power_off(ctx)
+    _open_host(ctx, _setup_mode(ctx), with_image=False)
+    files = _surviving_power_off(ctx, lambda: ctx.host.fetch_outputs(spec.outputs, artifacts_dir))
     for file in files:
         ctx.artifacts.append(
             Artifact(path=str(file.path.relative_to(ctx.run_dir)), sha256=file.sha256, bytes=file.bytes)
@@ -490,10 +552,10 @@ def _teardown(ctx: RunContext) -> None:
     """Close the host (reopened after a resume if that needs no boot, to clean it up), then
     end the instance's billing, whatever happened before."""
     try:
-        if ctx.host is None and ctx.pinned is not None and _reachable_without_boot(ctx):
+        if ctx.host is None and ctx.resumed and _reachable_without_boot(ctx):
             _open_host(ctx, None, with_image=False)
         if ctx.host is not None:
-            ctx.host.close(keep_workspace=ctx.failed)
+            _close_at_teardown(ctx)
             if ctx.failed:
                 ctx.reporter.info("the run's work folder was kept for inspection")
     finally:
@@ -501,10 +563,33 @@ def _teardown(ctx: RunContext) -> None:
             _end_instance(ctx)
 
 
+def _close_at_teardown(ctx: RunContext) -> None:
+    """Close the host, removing the run's folder unless the run failed. An instance whose
+    watchdog powered it off (a failed trainer) has gone with its connection: nothing to close."""
+    host, ctx.host = ctx.host, None
+    try:
+        with contextlib.suppress(ProviderFailure):  # the watchdog's decisions, kept with the run
+            host.fetch_host_log("watchdog.log", ctx.run_dir / "logs" / "watchdog.log")
+        host.close(keep_workspace=ctx.failed)
+    except ProviderFailure:
+        if ctx.instance_id is None or not _going_off(ctx):
+            raise
+
+
 def _reachable_without_boot(ctx: RunContext) -> bool:
     if ctx.instance_id is None:
         return not ctx.provider.capabilities.instances
-    return ctx.provider.api.describe(ctx.instance_id).state is InstanceState.RUNNING
+    return _instance_state(ctx) is InstanceState.RUNNING
+
+
+def _running_mode(ctx: RunContext) -> PowerMode | None:
+    """The mode the instance runs in now (None when it does not run)."""
+    now = ctx.provider.api.describe(ctx.instance_id)
+    return now.mode if now.state is InstanceState.RUNNING else None
+
+
+def _instance_state(ctx: RunContext) -> InstanceState:
+    return ctx.provider.api.describe(ctx.instance_id).state
 
 
 def _end_instance(ctx: RunContext) -> None:

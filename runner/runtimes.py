@@ -79,6 +79,16 @@ class Runtime(Protocol):
     def find(self, step_dir: str) -> StepHandle | None:
         """The step started in step_dir by an earlier session, or None."""
 
+    def launch(
+        self, step_dir: str, argv: Sequence[str], env: Mapping[str, str], inherit: Sequence[str] = ()
+    ) -> StepHandle:
+        """Start a host command (not in the image) detached, like a step."""
+
+    def ship(self, script: str) -> str:
+        """A helper script put in the host's runner/bin; its remote path."""
+
+    def put_json(self, remote: str, value: object) -> None: ...
+
     def set_aside(self, handle: StepHandle) -> str: ...
 
     def poll(self, handle: StepHandle) -> StepStatus: ...
@@ -168,7 +178,7 @@ class RootfsRuntime(DetachedSteps):
         if self._unpacked_layers(root) == digests:
             return root
         self._check(self.host.run(["sh", "-c", _REMOVE_SH, "sh", root], timeout=timeout), f"remove {root}")
-        unpacker = self._ship("unpack_layers.py")
+        unpacker = self.ship("unpack_layers.py")
         tmp = f"{root}.tmp-{secrets.token_hex(4)}"
         argv = ["python3", unpacker, "--rootfs", tmp, "--json"]
         argv += [

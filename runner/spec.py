@@ -382,6 +382,16 @@ class Budget(Strict):
         return value
 
 
+class Watchdog(Strict):
+    """The guard started on the host next to the trainer (remote_scripts/watchdog.py): it powers
+    a rented instance off as soon as training ends, and stops a stuck or abandoned run."""
+
+    stall_s: Seconds | None = 1800  # no new step in train.metrics for this long: stop the run
+    heartbeat_s: Seconds | None = None  # the laptop silent this long: stop the run (opt-in)
+    grace_s: Seconds = 60  # after SIGTERM, time for the trainer to checkpoint before SIGKILL
+    interval_s: Annotated[float, Field(ge=0.2, le=300)] = 5
+
+
 class Shutdown(Strict):
     """What happens to the instance after the run: stop billing (default), release it, or keep it."""
 
@@ -399,6 +409,7 @@ class JobSpec(Strict):
     outputs: Annotated[tuple[OutPath, ...], Field(min_length=1, max_length=1000)]
     pricing: Pricing = Pricing()
     budget: Budget = Budget()
+    watchdog: Watchdog = Watchdog()
     shutdown: Shutdown = Shutdown()
 
     @field_validator("setup")

@@ -46,8 +46,10 @@ _SET_ASIDE_SH = 'n=1; while [ -e "$1.$n" ]; do n=$((n + 1)); done; mv -T -- "$1"
 # "exited CODE", "running" or "lost" for the step folder $1. exit_code is looked at again
 # after the supervisor is found gone: it writes the file just before it ends. The supervisor
 # counts as alive only if its pid runs *and* started when it did (supervisor.start): after the
-# host restarts, its pid may belong to some other process.
+# host restarts, its pid may belong to some other process. Each poll also leaves a heartbeat:
+# the laptop is there (the watchdog can be told to stop a run once it has been gone too long).
 _POLL_SH = """d=$1
+touch "$d/heartbeat" 2>/dev/null
 alive() {
   p=$(cat "$d/supervisor.pid" 2>/dev/null) && kill -0 "$p" 2>/dev/null || return 1
   [ -f "$d/supervisor.start" ] || return 0
@@ -95,8 +97,8 @@ class DetachedSteps:
         the step folder is created private, since command.json holds the environment."""
         self._check(self.host.run(["sh", "-c", _NEW_STEP_SH, "sh", step_dir]), f"start {step_dir}")
         command = {"argv": list(argv), "env": dict(env), "inherit": list(inherit)}
-        self._put_json(f"{step_dir}/command.json", command)
-        result = self.host.run(["python3", self._ship("run_detached.py"), step_dir], timeout=120)
+        self.put_json(f"{step_dir}/command.json", command)
+        result = self.host.run(["python3", self.ship("run_detached.py"), step_dir], timeout=120)
         self._check(result, f"start {step_dir}")
         return StepHandle(step_dir, int(result.stdout.split()[-1]))
 
@@ -111,13 +113,13 @@ class DetachedSteps:
         result = self.host.run(["sh", "-c", _SET_ASIDE_SH, "sh", handle.step_dir])
         return self._check(result, f"move {handle.step_dir} aside").stdout.strip()
 
-    def _ship(self, script: str) -> str:
+    def ship(self, script: str) -> str:
         """Put a helper script in the host's runner/bin (sent only when it changed)."""
         remote = f"{self.base}/bin/{script}"
         self.host.put(SCRIPTS / script, remote)
         return remote
 
-    def _put_json(self, remote: str, value: object) -> None:
+    def put_json(self, remote: str, value: object) -> None:
         """Write a small file on the host through a verified upload (no shell in between)."""
         with tempfile.TemporaryDirectory() as folder:
             local = Path(folder) / "value.json"

@@ -32,13 +32,14 @@ def test_smoke_job_stages_without_the_gpu_trains_with_it_and_ends_off(cloud, tmp
     scores = json.loads((run_dir / "artifacts" / "eval.json").read_text(encoding="utf-8"))
     assert scores["lora"]["loss"] < scores["base"]["loss"]
 
-    cpu, gpu = intervals(cloud, payload["run_id"])
-    assert (cpu["mode"], gpu["mode"]) == ("non_gpu", "gpu")
-    assert cpu["ended_at"] is not None and gpu["ended_at"] is not None  # off at the end
+    cpu, gpu, collect = intervals(cloud, payload["run_id"])
+    assert (cpu["mode"], gpu["mode"], collect["mode"]) == ("non_gpu", "gpu", "non_gpu")
+    assert all(i["ended_at"] is not None for i in (cpu, gpu, collect))  # off at the end
     phases = phase_times(cloud, payload["run_id"])
     assert within(phases["stage"], cpu)  # image, inputs and set-up steps: all on the no-GPU boot
     assert within(phases["train"], gpu)
-    assert cpu["ended_at"] <= gpu["started_at"]
+    assert within(phases["collect"], collect)  # the watchdog powered off as training ended
+    assert cpu["ended_at"] <= gpu["started_at"] and gpu["ended_at"] <= collect["started_at"]
     print(
         json.dumps(
             {
@@ -59,7 +60,7 @@ def test_no_gpu_for_two_boots_waits_with_the_instance_off_then_trains(cloud, tmp
     assert code == 0, stderr[-4000:]
     assert (Path(payload["run_dir"]) / "artifacts" / "result").read_text() == "emulated\n"
     assert stderr.count("no capacity for a gpu boot") == 2
-    cpu, gpu = intervals(cloud, payload["run_id"])
+    cpu, gpu, _ = intervals(cloud, payload["run_id"])
     assert (cpu["mode"], gpu["mode"]) == ("non_gpu", "gpu")
     assert gpu["started_at"] - cpu["ended_at"] >= 25  # 10 s + 20 s of backoff, powered off
 
