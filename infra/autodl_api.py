@@ -160,10 +160,13 @@ class ConsoleInstances:
     instance in the console); the emulator serves it (can_release).
     """
 
-    def __init__(self, client: AutodlClient, *, image: str = "", can_release: bool = False) -> None:
+    def __init__(
+        self, client: AutodlClient, *, image: str = "", can_release: bool = False, wallet: bool = False
+    ) -> None:
         self.client = client
         self.image = image
         self.can_release = can_release
+        self.wallet = wallet  # the token also reads the developer API's wallet (the emulator's does)
 
     def create(self, name: str) -> Instance:
         if not self.image:
@@ -203,7 +206,7 @@ class ConsoleInstances:
         self.client.call("POST", "/api/v1/instance/release", {"instance_uuid": instance_id})
 
     def balance(self) -> float | None:
-        return None  # the console's balance call is not known
+        return wallet_balance(self.client) if self.wallet else None  # no console balance call is known
 
 
 class ProInstances:
@@ -249,7 +252,12 @@ class ProInstances:
         self.client.call("POST", "/api/v1/dev/instance/pro/release", {"instance_uuid": instance_id})
 
     def balance(self) -> float | None:
-        data = self.client.call("POST", "/api/v1/dev/wallet/balance")
-        if not isinstance(data, dict) or "assets" not in data:
-            raise ProviderFailure(f"AutoDL balance: unexpected answer {str(data)[:120]}")
-        return float(data["assets"]) / 1000
+        return wallet_balance(self.client)
+
+
+def wallet_balance(client: AutodlClient) -> float:
+    """The account's balance in CNY (the developer API gives thousandths)."""
+    data = client.call("POST", "/api/v1/dev/wallet/balance")
+    if not isinstance(data, dict) or "assets" not in data:
+        raise ProviderFailure(f"AutoDL balance: unexpected answer {str(data)[:120]}")
+    return float(data["assets"]) / 1000

@@ -97,7 +97,7 @@ def _instance_api(settings: RentedSettings) -> InstanceApi:
         from infra.emulator import connection
 
         url, token = connection()
-        return ConsoleInstances(AutodlClient(url, token), image=EMULATOR_IMAGE, can_release=True)
+        return ConsoleInstances(AutodlClient(url, token), image=EMULATOR_IMAGE, can_release=True, wallet=True)
     token = os.environ.get(settings.token_env)
     if not token:
         raise BadInput(f"the AutoDL token variable {settings.token_env} is not set")

@@ -235,6 +235,82 @@ def runs(limit: int, as_json: bool) -> None:
         click.echo(f"{record.id:<44} {record.status:<12} {code:>4}  {created}")
 
 
+@main.command()
+@click.argument("run_ref", metavar="[RUN]", required=False)
+@click.option("--since", type=click.DateTime(), help="Runs created at or after (e.g. 2026-12-01).")
+@click.option("--until", type=click.DateTime(), help="Runs created before.")
+@click.option("--csv", "as_csv", is_flag=True, help="One CSV line per run and currency.")
+@json_option
+@_errors_handled
+def cost(run_ref: str | None, since, until, as_csv: bool, as_json: bool) -> None:
+    """What runs cost, from the ledger of billed intervals (no-GPU and GPU mode).
+
+    Without RUN: one line per run (and currency) in the period, then totals per currency.
+    With RUN: the run's timeline (phase, mode, seconds, cost).
+
+    Example: runner cost --since 2026-12-01 --csv > december.csv
+    """
+    import time
+
+    from runner import cost as ledger
+    from runner.store import open_store
+
+    now = time.time()
+    with open_store() as store:
+        if run_ref is not None:
+            run = store.get_run(run_ref)
+            report = ledger.run_report(run.id, store.ledger(run.id), now)
+        else:
+            runs = [
+                r
+                for r in store.list_runs(1_000_000)
+                if (since is None or r.created_at >= since.timestamp())
+                and (until is None or r.created_at < until.timestamp())
+            ]
+            report = ledger.runs_report(reversed(runs), store.ledger, now)
+    if as_json:
+        _emit_json(report)
+    elif as_csv:
+        click.echo(ledger.runs_csv(report.get("runs", [])), nl=False)
+    elif run_ref is not None:
+        _print_timeline(report)
+    else:
+        _print_runs_cost(report)
+
+
+def _print_timeline(report: dict) -> None:
+    lines = [
+        f"{i['phase'] or '':<10} {i['mode']:<4} {i['seconds']:>9.1f} {i['rate_per_hour']:>8.3f}"
+        f" {i['cost']:>10.4f}  {i['source']}"
+        for i in report["timeline"]
+    ]
+    _print_cost_table(
+        f"{'PHASE':<10} {'MODE':<4} {'SECONDS':>9} {'RATE/H':>8} {'COST':>10}  SOURCE", lines, report
+    )
+
+
+def _print_runs_cost(report: dict) -> None:
+    if not report["runs"]:
+        click.echo("no billed runs in this period", err=True)
+        return
+    lines = [
+        f"{r['run_id']:<44} {r['provider']:<9} {r['gpu_hours']:>7.3f} {r['cpu_hours']:>7.3f}"
+        f" {r['gpu_cost']:>9.4f} {r['cpu_cost']:>9.4f} {r['total']:>9.4f} {r['currency']}"
+        for r in report["runs"]
+    ]
+    header = f"{'RUN':<44} {'PROVIDER':<9} {'GPU H':>7} {'CPU H':>7} {'GPU':>9} {'CPU':>9} {'TOTAL':>9} CUR"
+    _print_cost_table(header, lines, report)
+
+
+def _print_cost_table(header: str, lines: list[str], report: dict) -> None:
+    """A cost table, then one total line per currency."""
+    click.echo(header)
+    for line in lines:
+        click.echo(line)
+    for total in report["totals"]:
+        click.echo(f"total {total['total']:.4f} {total['currency']}")
+
+
 @main.group()
 def image() -> None:
     """Work with a job's image on a remote host."""

@@ -26,10 +26,10 @@ from typing import TypeVar
 from infra import instances
 from infra.base import ContainerRun, Guard, Host, Instance, InstanceState, PowerMode, Provider
 from infra.registry import provider_for
-from runner import manifest, runlock
+from runner import cost, manifest, runlock
 from runner.console import Reporter
 from runner.errors import EXIT_OK, EXIT_RUN_FAILED, BadInput, ProviderFailure, RunFailed, RunnerError
-from runner.files import sha256_file
+from runner.files import sha256_file, write_json_atomic
 from runner.images import ResolvedImage, resolve_image, write_lock
 from runner.manifest import Artifact, InputRecord
 from runner.spec import LoadedSpec, load_spec
@@ -58,6 +58,7 @@ class RunContext:
     artifacts: list[Artifact] = field(default_factory=list)
     failed: bool = False
     pinned: Pinned | None = None  # set on resume: what the run used before, checked by plan
+    phase: str | None = None  # the phase running now
 
     def log_sink(
         self, log_name: str, source: str, *, echo: bool = True, fresh: bool = False
@@ -239,6 +240,8 @@ def _execute(ctx: RunContext, done: frozenset[str] = frozenset()) -> RunResult:
         run = store.get_run(ctx.run.id)
         phases = store.phases(run.id)
         manifest.write(ctx, run, phases)
+        if ctx.instance_id is not None:
+            _report_cost(ctx, _write_cost(ctx))
     ctx.reporter.phase("run", status, error or "")
     if ctx.instance_id is None and any(event.kind == "step.detached" for event in store.events(run.id)):
         ctx.reporter.info(
@@ -248,6 +251,15 @@ def _execute(ctx: RunContext, done: frozenset[str] = frozenset()) -> RunResult:
     if unexpected is not None:
         raise unexpected
     return RunResult(run=run, phases=phases, artifacts=ctx.artifacts)
+
+
+def _report_cost(ctx: RunContext, report: dict) -> None:
+    for total in report["totals"]:
+        parts = ", ".join(
+            f"{mode} {total['seconds'][mode]:.0f}s {total['cost'][mode]:.4f}"
+            for mode in sorted(total["cost"])
+        )
+        ctx.reporter.info(f"cost: {total['total']:.4f} {total['currency']} ({parts})")
 
 
 def _internal(exc: BaseException) -> str:
@@ -300,6 +312,7 @@ def _run_phase(ctx: RunContext, name: str) -> None:
         ctx.reporter.phase(name, "skipped", skip_reason)
         return
     attempt = ctx.store.start_phase(ctx.run.id, name)
+    ctx.phase = name
     ctx.reporter.phase(name, "started")
     started = time.monotonic()
     try:
@@ -371,6 +384,7 @@ def _provision(ctx: RunContext) -> None:
     and image transfers never run at GPU prices."""
     provider = ctx.provider
     if ctx.instance_id is None:
+        _note_balance(ctx, "before")
         ctx.instance_id, ctx.instance_created = provider.instance_for(ctx.run.id)
         ctx.store.add_event(ctx.run.id, "instance.acquired", id=ctx.instance_id, created=ctx.instance_created)
     if _setup_mode(ctx) is PowerMode.GPU:
@@ -404,14 +418,88 @@ def _open_host(ctx: RunContext, mode: PowerMode | None, *, with_image: bool) -> 
 def _boot(ctx: RunContext, mode: PowerMode) -> Instance:
     provider = ctx.provider
     ctx.reporter.info(f"booting {ctx.instance_id} ({mode.value} mode)")
+    requested = time.time()
     instance = instances.boot(provider.api, ctx.instance_id, mode, provider.boot_policy, ctx.reporter.info)
     ctx.store.add_event(ctx.run.id, "instance.powered_on", id=ctx.instance_id, mode=mode.value)
+    _bill_from(ctx, instance, mode, requested)
     return instance
+
+
+def _bill_from(ctx: RunContext, instance: Instance, mode: PowerMode, since: float) -> None:
+    """Open the ledger's interval for this boot, unless the open one already bills this mode
+    (a resumed run finding the instance as it left it)."""
+    current = ctx.store.open_interval_of(instance.id)
+    if current is not None and current.mode == mode.value:
+        return
+    if current is not None:  # booted in the other mode since: that interval ended when asked
+        ctx.store.close_interval(instance.id, since, "controller")
+    rate, currency = _rate(ctx, instance, mode)
+    ctx.store.open_interval(
+        cost.Interval(
+            instance.id, mode.value, since, None, rate, currency, "controller", ctx.run.id, ctx.phase
+        )
+    )
+
+
+def _rate(ctx: RunContext, instance: Instance, mode: PowerMode) -> tuple[float, str]:
+    """The hourly price of mode: the provider's own when it reports one, else the spec's."""
+    reported = instance.price_per_hour.get(mode)
+    if reported:
+        return reported, instance.currency
+    pricing = ctx.loaded.spec.pricing
+    return (pricing.gpu_per_hour if mode is PowerMode.GPU else pricing.cpu_per_hour), pricing.currency
 
 
 def _power_off(ctx: RunContext) -> None:
     instances.shut(ctx.provider.api, ctx.instance_id, ctx.provider.boot_policy)
     ctx.store.add_event(ctx.run.id, "instance.powered_off", id=ctx.instance_id)
+    ctx.store.close_interval(ctx.instance_id, time.time(), "controller")
+
+
+def _settle_with_watchdog(ctx: RunContext) -> None:
+    """The watchdog's power-off time, brought home in its log, ends the GPU interval the
+    controller could only close when it next looked."""
+    log = ctx.run_dir / "logs" / "watchdog.log"
+    if ctx.instance_id is None or not log.is_file():
+        return
+    for line in log.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if entry.get("action") != "power_off" or not isinstance(entry.get("ts"), (int, float)):
+            continue
+        for interval in ctx.store.ledger(ctx.run.id):
+            if interval.instance_id == ctx.instance_id and interval.started_at <= entry["ts"] < interval.end(
+                time.time()
+            ):
+                ctx.store.correct_end(ctx.instance_id, interval.started_at, entry["ts"], "watchdog")
+
+
+def _write_cost(ctx: RunContext) -> dict:
+    """runs/<id>/cost.json: the run's billed intervals and totals, and the balance difference
+    where the provider has a balance."""
+    report = cost.run_report(ctx.run.id, ctx.store.ledger(ctx.run.id), time.time())
+    balances = {
+        e.kind: e.data["value"] for e in ctx.store.events(ctx.run.id) if e.kind.startswith("balance.")
+    }
+    if "balance.before" in balances and "balance.after" in balances:
+        spent = balances["balance.before"] - balances["balance.after"]
+        report["balance"] = {
+            "before": balances["balance.before"],
+            "after": balances["balance.after"],
+            "spent": round(spent, 6),
+        }
+    write_json_atomic(ctx.run_dir / "cost.json", report)
+    return report
+
+
+def _note_balance(ctx: RunContext, when: str) -> None:
+    """Record the account's balance (where the provider has one) before and after the run."""
+    with contextlib.suppress(RunnerError):
+        value = ctx.provider.api.balance()
+        if value is not None:
+            ctx.store.add_event(ctx.run.id, f"balance.{when}", value=value)
 
 
 def _stage(ctx: RunContext) -> None:
@@ -561,6 +649,8 @@ def _teardown(ctx: RunContext) -> None:
     finally:
         if ctx.instance_id is not None:
             _end_instance(ctx)
+            _settle_with_watchdog(ctx)
+            _note_balance(ctx, "after")
 
 
 def _close_at_teardown(ctx: RunContext) -> None:

@@ -12,9 +12,10 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+from runner.cost import Interval
 from runner.errors import BadInput, NotFound
 from runner.home import private_dir, private_file
 
@@ -85,7 +86,34 @@ def _m002_host_keys(db: sqlite3.Connection) -> None:
     )
 
 
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_m001_runs_phases_events, _m002_host_keys]
+def _m003_ledger(db: sqlite3.Connection) -> None:
+    """Billed intervals per instance and power mode (runner.cost)."""
+    _execute_all(
+        db,
+        """
+        CREATE TABLE ledger (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            instance_id TEXT NOT NULL,
+            mode TEXT NOT NULL,
+            started_at REAL NOT NULL,
+            ended_at REAL,
+            rate_per_hour REAL NOT NULL,
+            currency TEXT NOT NULL,
+            source TEXT NOT NULL,
+            run_id TEXT REFERENCES runs(id),
+            phase TEXT
+        );
+        CREATE INDEX ledger_instance ON ledger(instance_id, started_at);
+        CREATE INDEX ledger_run ON ledger(run_id);
+        """,
+    )
+
+
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
+    _m001_runs_phases_events,
+    _m002_host_keys,
+    _m003_ledger,
+]
 
 
 @dataclass(frozen=True)
@@ -311,6 +339,60 @@ class Store:
         )
         return [Event(row["run_id"], row["ts"], row["kind"], json.loads(row["data"])) for row in rows]
 
+    # -- the cost ledger ----------------------------------------------------------
+
+    def open_interval(self, interval: Interval) -> None:
+        """Record an interval (open when its ended_at is None)."""
+        with self._transaction():
+            self._db.execute(
+                "INSERT INTO ledger (instance_id, mode, started_at, ended_at, rate_per_hour, currency,"
+                " source, run_id, phase) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                tuple(getattr(interval, name) for name in _LEDGER_FIELDS),
+            )
+
+    def open_interval_of(self, instance_id: str) -> Interval | None:
+        """The instance's interval still open (at most one: boots open, power-offs close)."""
+        row = self._db.execute(
+            "SELECT * FROM ledger WHERE instance_id = ? AND ended_at IS NULL ORDER BY id DESC LIMIT 1",
+            (instance_id,),
+        ).fetchone()
+        return None if row is None else _interval(row)
+
+    def close_interval(self, instance_id: str, ended_at: float, source: str) -> Interval | None:
+        """Close the instance's open interval at ended_at; the interval closed, or None."""
+        with self._transaction():
+            row = self._db.execute(
+                "SELECT * FROM ledger WHERE instance_id = ? AND ended_at IS NULL ORDER BY id DESC LIMIT 1",
+                (instance_id,),
+            ).fetchone()
+            if row is None:
+                return None
+            ended_at = max(ended_at, row["started_at"])
+            self._db.execute(
+                "UPDATE ledger SET ended_at = ?, source = ? WHERE id = ?", (ended_at, source, row["id"])
+            )
+        return replace(_interval(row), ended_at=ended_at, source=source)
+
+    def correct_end(self, instance_id: str, started_at: float, ended_at: float, source: str) -> None:
+        """Move the end of the instance's interval that started at started_at earlier, to a
+        more direct witness's time (the watchdog's power-off); never later, never before its start."""
+        with self._transaction():
+            self._db.execute(
+                "UPDATE ledger SET ended_at = MAX(started_at, ?), source = ?"
+                " WHERE instance_id = ? AND started_at = ? AND ended_at > ?",
+                (ended_at, source, instance_id, started_at, ended_at),
+            )
+
+    def ledger(self, run_id: str | None = None) -> list[Interval]:
+        """The intervals of one run, or all of them."""
+        if run_id is None:
+            rows = self._db.execute("SELECT * FROM ledger ORDER BY started_at, id")
+        else:
+            rows = self._db.execute(
+                "SELECT * FROM ledger WHERE run_id = ? ORDER BY started_at, id", (run_id,)
+            )
+        return [_interval(row) for row in rows]
+
     # -- host keys --------------------------------------------------------------
 
     def host_key(self, host: str, port: int) -> HostKey | None:
@@ -327,6 +409,23 @@ class Store:
                 " fingerprint = excluded.fingerprint, pinned_at = excluded.pinned_at",
                 (host, port, key_type, fingerprint, time.time()),
             )
+
+
+_LEDGER_FIELDS = (
+    "instance_id",
+    "mode",
+    "started_at",
+    "ended_at",
+    "rate_per_hour",
+    "currency",
+    "source",
+    "run_id",
+    "phase",
+)
+
+
+def _interval(row: sqlite3.Row) -> Interval:
+    return Interval(**{name: row[name] for name in _LEDGER_FIELDS})
 
 
 def _connect(path: Path, attempts: int = 5) -> sqlite3.Connection:

@@ -44,6 +44,9 @@ class FailingHost:
     def run(self, request, on_output) -> int:
         raise self.error
 
+    def fetch_host_log(self, name: str, dest: Path) -> bool:
+        return False
+
     def close(self, *, keep_workspace: bool) -> None:
         self.closed_with = {"keep_workspace": keep_workspace}
 

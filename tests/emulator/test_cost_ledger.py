@@ -1,0 +1,52 @@
+"""The cost ledger against the emulator's own books: the run's cost.json, `runner cost` and the
+balance difference agree with what the emulator charged, to within its billing granularity."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.emulator.cloud import intervals, runner, submit, tiny_job
+
+pytestmark = [pytest.mark.integration, pytest.mark.e2e]
+
+
+def test_the_ledger_matches_the_emulators_charges_and_balance(cloud, tmp_path, tiny_image):
+    spec = tiny_job(
+        tmp_path, tiny_image, "ledger", "echo training; sleep 3; cat /data/prepared > /out/result"
+    )
+    code, payload, stderr = submit(cloud, spec)
+    assert code == 0, stderr[-4000:]
+    run_id, run_dir = payload["run_id"], Path(payload["run_dir"])
+    assert "cost: " in stderr and " CNY (cpu " in stderr
+
+    report = json.loads((run_dir / "cost.json").read_text())
+    (total,) = report["totals"]
+    charged = intervals(cloud, run_id)
+    emulator_cost = sum(i["cost"] for i in charged)
+    # the controller opens an interval when it asks for a boot and closes it when it sees the
+    # instance off: a second or two around each of the emulator's own intervals, never less
+    slack = sum(2.5 * i["price_per_hour"] / 3600 for i in charged)
+    assert emulator_cost - 1e-6 <= total["total"] <= emulator_cost + slack
+    assert report["balance"]["spent"] == pytest.approx(emulator_cost, abs=slack)
+    assert [(i["mode"], i["phase"]) for i in report["timeline"]] == [
+        ("cpu", "provision"),
+        ("gpu", "boot_gpu"),
+        ("cpu", "collect"),
+    ]
+    # closed by whichever saw the GPU boot end first: the controller, or the watchdog's log
+    assert report["timeline"][1]["source"] in ("controller", "watchdog")
+    assert (run_dir / "logs" / "watchdog.log").is_file()
+    gpu_s = next(i["seconds"] for i in charged if i["mode"] == "gpu")
+    assert report["timeline"][1]["seconds"] <= gpu_s + 2.5
+
+    shown = runner(cloud, "cost", run_id, "--json")
+    assert shown.returncode == 0 and json.loads(shown.stdout)["totals"] == report["totals"]
+    table = runner(cloud, "cost", "--csv")
+    rows = [row for row in csv.DictReader(io.StringIO(table.stdout)) if row["run_id"] == run_id]
+    assert len(rows) == 1 and float(rows[0]["total"]) == pytest.approx(total["total"], abs=1e-4)
+    assert rows[0]["currency"] == "CNY" and float(rows[0]["gpu_hours"]) > 0
