@@ -63,6 +63,7 @@ class Guard:
     heartbeat_s: float | None
     grace_s: float
     interval_s: float
+    max_run_s: float | None = None  # the budget left, in seconds of this step
 
 
 @dataclass(frozen=True)

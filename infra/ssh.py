@@ -277,6 +277,17 @@ class SshHost:
         handle = self.runtime.find(step_folder(self.run_dir, _step_name(name)))
         return handle is not None and self.runtime.poll(handle).state is StepState.EXITED
 
+    def stop_step(self, name: str, grace_s: float) -> int | None:
+        """SIGTERM the step (SIGKILL after grace_s) if it runs; its exit code, None if never started."""
+        from runner.steps import StepState, step_folder
+
+        handle = self.runtime.find(step_folder(self.run_dir, _step_name(name)))
+        if handle is None:
+            return None
+        if self.runtime.poll(handle).state is StepState.RUNNING:
+            return self.runtime.stop(handle, grace_s=grace_s)
+        return self.runtime.poll(handle).exit_code
+
     def _start_watchdog(self, step: str, guard: Guard) -> None:
         """Start the step's watchdog (remote_scripts/watchdog.py) unless one already guards it:
         it powers the host off (self.power_off) once the step ends, and stops a stuck step."""
@@ -297,6 +308,7 @@ class SshHost:
             "heartbeat_s": guard.heartbeat_s,
             "grace_s": guard.grace_s,
             "interval_s": guard.interval_s,
+            "max_run_s": guard.max_run_s,
             "container": container_name(step_dir) if isinstance(self.runtime, DockerRuntime) else None,
             "power_off": list(self.power_off) or None,
             "log": f"{self.run_dir}/watchdog.log",

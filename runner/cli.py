@@ -60,8 +60,30 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print one JS
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="runner")
-def main() -> None:
+@click.pass_context
+def main(ctx: click.Context) -> None:
     """Run an ML fine-tuning job on a rented GPU (or this machine) and bring the results back."""
+    if ctx.invoked_subcommand and ctx.invoked_subcommand not in QUIET_COMMANDS and not ctx.resilient_parsing:
+        _warn_about_orphans()
+
+
+# Commands that never look for forgotten instances: offline ones, and `down`, which does itself.
+QUIET_COMMANDS = ("validate", "emulator", "down")
+
+
+def _warn_about_orphans() -> None:
+    """Every command says loudly when an instance bills with no runner process behind it."""
+    from runner import orphans
+    from runner.errors import RunnerError
+    from runner.store import open_store
+
+    try:
+        with open_store() as store:
+            found = orphans.find(store)
+    except RunnerError:
+        return  # the state folder is unusable: the command itself will say why
+    for orphan in found:
+        click.secho(f"warning: {orphan.warning()}", err=True, fg="red", bold=True)
 
 
 @main.command()
@@ -309,6 +331,46 @@ def _print_cost_table(header: str, lines: list[str], report: dict) -> None:
         click.echo(line)
     for total in report["totals"]:
         click.echo(f"total {total['total']:.4f} {total['currency']}")
+
+
+@main.command()
+@click.argument("run_ref", metavar="[RUN]", required=False)
+@click.option(
+    "--orphans", "all_orphans", is_flag=True, help="Power off every instance no runner process drives."
+)
+@click.option(
+    "--grace",
+    type=click.FloatRange(0),
+    default=60,
+    show_default=True,
+    help="Seconds to checkpoint after SIGTERM.",
+)
+@_errors_handled
+def down(run_ref: str | None, all_orphans: bool, grace: float) -> None:
+    """Stop billing: RUN's trainer is stopped (SIGTERM first, so it can checkpoint) and its
+    instance powered off; with --orphans, every instance running with no runner process behind it.
+
+    Example: runner down --orphans
+    """
+    from runner import orphans, runlock
+    from runner.errors import BadInput
+    from runner.store import open_store
+
+    if (run_ref is None) == (not all_orphans):
+        raise BadInput("give a RUN or --orphans (not both)")
+    with open_store() as store:
+        if all_orphans:
+            done = orphans.power_off(store, orphans.find(store, cached=False))
+            click.echo(
+                f"powered off {len(done)} instance(s)" + (f": {', '.join(done)}" if done else ""), err=True
+            )
+            return
+        run_id = store.get_run(run_ref).id
+        with runlock.hold(run_id):
+            instance = orphans.down_run(store, run_id, grace)
+    click.echo(
+        f"run {run_id}: " + (f"instance {instance} powered off" if instance else "no instance"), err=True
+    )
 
 
 @main.group()

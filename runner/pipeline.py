@@ -26,9 +26,17 @@ from typing import TypeVar
 from infra import instances
 from infra.base import ContainerRun, Guard, Host, Instance, InstanceState, PowerMode, Provider
 from infra.registry import provider_for
-from runner import cost, manifest, runlock
+from runner import budget, cost, manifest, runlock
 from runner.console import Reporter
-from runner.errors import EXIT_OK, EXIT_RUN_FAILED, BadInput, ProviderFailure, RunFailed, RunnerError
+from runner.errors import (
+    EXIT_OK,
+    EXIT_RUN_FAILED,
+    BadInput,
+    BudgetExceeded,
+    ProviderFailure,
+    RunFailed,
+    RunnerError,
+)
 from runner.files import sha256_file, write_json_atomic
 from runner.images import ResolvedImage, resolve_image, write_lock
 from runner.manifest import Artifact, InputRecord
@@ -59,6 +67,7 @@ class RunContext:
     failed: bool = False
     pinned: Pinned | None = None  # set on resume: what the run used before, checked by plan
     phase: str | None = None  # the phase running now
+    budget_stop: str | None = None  # why the watchdog stopped training at a budget cap
 
     def log_sink(
         self, log_name: str, source: str, *, echo: bool = True, fresh: bool = False
@@ -219,9 +228,7 @@ def _restore(ctx: RunContext, done: frozenset[str]) -> None:
 def _execute(ctx: RunContext, done: frozenset[str] = frozenset()) -> RunResult:
     status, exit_code, error, unexpected = "succeeded", EXIT_OK, None, None
     try:
-        for name in PHASES[:-1]:
-            if name not in done:
-                _run_phase(ctx, name)
+        _run_phases(ctx, done)
     except RunnerError as exc:
         status, exit_code, error = "failed", exc.exit_code, exc.message
     except KeyboardInterrupt as exc:
@@ -251,6 +258,15 @@ def _execute(ctx: RunContext, done: frozenset[str] = frozenset()) -> RunResult:
     if unexpected is not None:
         raise unexpected
     return RunResult(run=run, phases=phases, artifacts=ctx.artifacts)
+
+
+def _run_phases(ctx: RunContext, done: frozenset[str]) -> None:
+    """Every phase but teardown (and but those done before a resume), in order."""
+    for name in PHASES[:-1]:
+        if name not in done:
+            _run_phase(ctx, name)
+    if ctx.budget_stop:
+        raise BudgetExceeded(f"{ctx.budget_stop}; the outputs written until then were collected")
 
 
 def _report_cost(ctx: RunContext, report: dict) -> None:
@@ -350,6 +366,10 @@ def _plan(ctx: RunContext) -> None:
     """Check the secrets, hash the inputs and pin the image before anything is staged or paid for."""
     spec = ctx.loaded.spec
     _secret_values(tuple({name for part in (*spec.setup, spec.train) for name in part.secrets}))
+    estimate = budget.check_estimate(spec)
+    if estimate is not None:
+        ctx.reporter.info(f"budget: {estimate}")
+        ctx.store.add_event(ctx.run.id, "budget.estimate", text=estimate)
     for item in ctx.loaded.spec.inputs:
         path = ctx.loaded.resolve(item.src)
         digest, size = sha256_file(path)
@@ -540,6 +560,11 @@ def _train(ctx: RunContext) -> None:
     instance is booted without its GPU and the step's recorded end is read there."""
     spec = ctx.loaded.spec
     train, watchdog = spec.train, spec.watchdog
+    if _off_after_training(ctx):
+        ctx.reporter.info("the instance is off: looking for the trainer's end on a boot without the GPU")
+        if not _open_host(ctx, _setup_mode(ctx), with_image=True).step_ended("train"):
+            _drop_host(ctx)
+    _open_host(ctx, _train_mode(ctx), with_image=True)
     request = ContainerRun(
         name="train",
         image_id=ctx.image.image.id,
@@ -547,15 +572,42 @@ def _train(ctx: RunContext) -> None:
         env={**train.env, **_secret_values(train.secrets)},
         gpus=train.gpus,
         guard=Guard(
-            train.metrics, watchdog.stall_s, watchdog.heartbeat_s, watchdog.grace_s, watchdog.interval_s
+            train.metrics,
+            watchdog.stall_s,
+            watchdog.heartbeat_s,
+            watchdog.grace_s,
+            watchdog.interval_s,
+            max_run_s=_budget_left_s(ctx),
         ),
     )
-    if _off_after_training(ctx):
-        ctx.reporter.info("the instance is off: looking for the trainer's end on a boot without the GPU")
-        if not _open_host(ctx, _setup_mode(ctx), with_image=True).step_ended(request.name):
-            _drop_host(ctx)
-    _open_host(ctx, _train_mode(ctx), with_image=True)
-    _surviving_power_off(ctx, lambda: _run_container(ctx, request, "train.log"))
+    try:
+        _surviving_power_off(ctx, lambda: _run_container(ctx, request, "train.log"))
+    except RunFailed:
+        if not _stopped_by_budget(ctx):
+            raise
+    else:
+        _stopped_by_budget(ctx)
+
+
+def _budget_left_s(ctx: RunContext) -> float | None:
+    """GPU seconds the budget's caps leave for training (None without caps)."""
+    billing = ctx.store.open_interval_of(ctx.instance_id) if ctx.instance_id else None
+    rate = billing.rate_per_hour if billing else ctx.loaded.spec.pricing.gpu_per_hour
+    left = budget.seconds_left(ctx.loaded.spec, ctx.store.ledger(ctx.run.id), rate, time.time())
+    if left is not None and left <= 0:
+        raise BudgetExceeded("the budget is spent before training starts (see `runner cost RUN`)")
+    return left
+
+
+def _stopped_by_budget(ctx: RunContext) -> bool:
+    """Whether the watchdog stopped the trainer at a budget cap (its log, brought home, says)."""
+    log = ctx.run_dir / "logs" / "watchdog.log"
+    with contextlib.suppress(ProviderFailure):
+        ctx.host.fetch_host_log("watchdog.log", log)
+    ctx.budget_stop = budget.stopped_by_budget(log.read_text(encoding="utf-8")) if log.is_file() else None
+    if ctx.budget_stop:
+        ctx.reporter.warn(f"the watchdog stopped training: {ctx.budget_stop}")
+    return ctx.budget_stop is not None
 
 
 def _off_after_training(ctx: RunContext) -> bool:

@@ -367,19 +367,15 @@ class Pricing(Strict):
 
 
 class Budget(Strict):
-    """Spending caps. Only the hourly price is checked in this version; a cap that would not be
-    enforced is refused rather than silently trusted."""
+    """Spending caps. Checked before anything is paid for, from the expected hours and the
+    rates; enforced during the run by the watchdog on the host, which stops the trainer at the
+    cap (SIGTERM, so it can checkpoint) and powers off; the run then ends with exit code 4."""
 
     max_cost: Money | None = None
     max_gpu_hours: Annotated[float, Field(gt=0, le=10000)] | None = None
     max_hourly_price: Money | None = None
-
-    @field_validator("max_cost", "max_gpu_hours")
-    @classmethod
-    def _not_enforced_yet(cls, value: float | None) -> float | None:
-        if value is not None:
-            raise ValueError("not enforced by this version of runner (no run-time guard yet); remove it")
-        return value
+    expected_gpu_hours: Annotated[float, Field(ge=0, le=10000)] | None = None  # for the estimate
+    expected_cpu_hours: Annotated[float, Field(ge=0, le=10000)] | None = None
 
 
 class Watchdog(Strict):
@@ -440,6 +436,15 @@ class JobSpec(Strict):
             raise ValueError(
                 f"budget.max_hourly_price {cap} {self.pricing.currency}/h is below "
                 f"pricing.gpu_per_hour {self.pricing.gpu_per_hour}"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _caps_need_a_watchdog(self) -> JobSpec:
+        if self.provider.type == "local" and (self.budget.max_cost or self.budget.max_gpu_hours):
+            raise ValueError(
+                "budget.max_cost and budget.max_gpu_hours are enforced by the watchdog on a remote"
+                " host; the local provider has none (and bills nothing)"
             )
         return self
 

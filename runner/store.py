@@ -358,6 +358,11 @@ class Store:
         ).fetchone()
         return None if row is None else _interval(row)
 
+    def open_intervals(self) -> list[Interval]:
+        """Every interval still open: instances the ledger believes billed now."""
+        rows = self._db.execute("SELECT * FROM ledger WHERE ended_at IS NULL ORDER BY started_at, id")
+        return [_interval(row) for row in rows]
+
     def close_interval(self, instance_id: str, ended_at: float, source: str) -> Interval | None:
         """Close the instance's open interval at ended_at; the interval closed, or None."""
         with self._transaction():

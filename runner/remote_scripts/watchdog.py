@@ -75,7 +75,7 @@ class Watch:
         if stall and self.last_step is not None and now - self.progress_at > stall:
             return f"no new training step for {stall:.0f}s (last step {self.last_step})"
         if cap and now - self.started > cap:
-            return f"the run's time cap of {cap:.0f}s is reached"
+            return f"budget: the run's GPU time or cost cap is reached after {cap:.0f}s"
         if heartbeat:
             age = heartbeat_age(os.path.join(self.step_dir, "heartbeat"))
             if age is not None and age > heartbeat:
@@ -83,7 +83,7 @@ class Watch:
         return None
 
     def stop_trainer(self, reason: str) -> None:
-        self.decide("stop", reason, last_step=self.last_step)
+        self.decide("stop", reason, last_step=self.last_step, budget=reason.startswith("budget:"))
         for name, wait_s in (("TERM", self.config.get("grace_s", 30)), ("KILL", 15)):
             self.signal(name)
             deadline = time.monotonic() + wait_s

@@ -1,0 +1,59 @@
+"""Budgets: the estimate checked before a run pays for anything, and what is left of the caps
+while it trains (the watchdog on the host enforces that, see remote_scripts/watchdog.py)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+
+from runner.cost import Interval, totals
+from runner.errors import BudgetExceeded
+from runner.spec import JobSpec
+
+
+def check_estimate(spec: JobSpec) -> str | None:
+    """Refuse a run whose expected hours at the spec's rates exceed a cap; the estimate, if any."""
+    budget, pricing = spec.budget, spec.pricing
+    gpu_h, cpu_h = budget.expected_gpu_hours, budget.expected_cpu_hours
+    if gpu_h is None and cpu_h is None:
+        return None
+    gpu_h, cpu_h = gpu_h or 0.0, cpu_h or 0.0
+    estimate = gpu_h * pricing.gpu_per_hour + cpu_h * pricing.cpu_per_hour
+    text = (
+        f"estimated {estimate:.2f} {pricing.currency}: {gpu_h:g} GPU h at {pricing.gpu_per_hour:g}/h"
+        f" + {cpu_h:g} no-GPU h at {pricing.cpu_per_hour:g}/h"
+    )
+    if budget.max_cost is not None and estimate > budget.max_cost:
+        raise BudgetExceeded(f"{text}, over budget.max_cost {budget.max_cost:g}")
+    if budget.max_gpu_hours is not None and gpu_h > budget.max_gpu_hours:
+        raise BudgetExceeded(
+            f"{gpu_h:g} expected GPU hours are over budget.max_gpu_hours {budget.max_gpu_hours:g}"
+        )
+    return text
+
+
+def seconds_left(spec: JobSpec, billed: Iterable[Interval], gpu_rate: float, now: float) -> float | None:
+    """Seconds of GPU time the caps still allow the run (None without caps), from what the
+    ledger billed it so far, the GPU boot running now included."""
+    budget = spec.budget
+    spent = totals(billed, now)
+    left: list[float] = []
+    if budget.max_gpu_hours is not None:
+        used = sum(t.seconds.get("gpu", 0.0) for t in spent)
+        left.append(budget.max_gpu_hours * 3600 - used)
+    if budget.max_cost is not None and gpu_rate > 0:
+        cost = sum(t.total for t in spent if t.currency == spec.pricing.currency) if spent else 0.0
+        left.append((budget.max_cost - cost) / gpu_rate * 3600)
+    return min(left) if left else None
+
+
+def stopped_by_budget(watchdog_log: str) -> str | None:
+    """The watchdog's reason, if it stopped the run at a budget cap."""
+    for line in watchdog_log.splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if entry.get("action") == "stop" and entry.get("budget"):
+            return str(entry.get("reason"))
+    return None
