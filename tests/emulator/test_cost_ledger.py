@@ -29,9 +29,10 @@ def test_the_ledger_matches_the_emulators_charges_and_balance(cloud, tmp_path, t
     charged = intervals(cloud, run_id)
     emulator_cost = sum(i["cost"] for i in charged)
     # the controller opens an interval when it asks for a boot and closes it when it sees the
-    # instance off: a second or two around each of the emulator's own intervals, never less
-    slack = sum(2.5 * i["price_per_hour"] / 3600 for i in charged)
-    assert emulator_cost - 1e-6 <= total["total"] <= emulator_cost + slack
+    # instance off (or at the watchdog's shutdown call): a few seconds around each of the
+    # emulator's own intervals, which start when it accepts the boot and end when it is off
+    slack = sum(5 * i["price_per_hour"] / 3600 for i in charged)
+    assert total["total"] == pytest.approx(emulator_cost, abs=slack)
     assert report["balance"]["spent"] == pytest.approx(emulator_cost, abs=slack)
     assert [(i["mode"], i["phase"]) for i in report["timeline"]] == [
         ("cpu", "provision"),
@@ -42,7 +43,7 @@ def test_the_ledger_matches_the_emulators_charges_and_balance(cloud, tmp_path, t
     assert report["timeline"][1]["source"] in ("controller", "watchdog")
     assert (run_dir / "logs" / "watchdog.log").is_file()
     gpu_s = next(i["seconds"] for i in charged if i["mode"] == "gpu")
-    assert report["timeline"][1]["seconds"] <= gpu_s + 2.5
+    assert abs(report["timeline"][1]["seconds"] - gpu_s) <= 5
 
     shown = runner(cloud, "cost", run_id, "--json")
     assert shown.returncode == 0 and json.loads(shown.stdout)["totals"] == report["totals"]
