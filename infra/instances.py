@@ -53,7 +53,16 @@ def boot(api: InstanceApi, instance_id: str, mode: PowerMode, policy: BootPolicy
             notify(f"no capacity for a {mode.value} boot of {instance_id}; trying again in {delay:.0f}s")
             time.sleep(delay)
             delay = min(policy.max_retry_s, delay * 2)
+        except ProviderFailure:
+            if not _booting(api, instance_id, mode):
+                raise
+            break  # refused because a boot in this mode is already under way (an earlier process's)
     return wait_running(api, instance_id, mode, policy)
+
+
+def _booting(api: InstanceApi, instance_id: str, mode: PowerMode) -> bool:
+    current = api.describe(instance_id)
+    return current.state in (InstanceState.STARTING, InstanceState.RUNNING) and current.mode is mode
 
 
 def wait_running(api: InstanceApi, instance_id: str, mode: PowerMode, policy: BootPolicy) -> Instance:

@@ -73,6 +73,8 @@ QUIET_COMMANDS = ("validate", "emulator", "down")
 
 def _warn_about_orphans() -> None:
     """Every command says loudly when an instance bills with no runner process behind it."""
+    import sqlite3
+
     from runner import orphans
     from runner.errors import RunnerError
     from runner.store import open_store
@@ -80,7 +82,7 @@ def _warn_about_orphans() -> None:
     try:
         with open_store() as store:
             found = orphans.find(store)
-    except RunnerError:
+    except (RunnerError, OSError, sqlite3.Error):
         return  # the state folder is unusable: the command itself will say why
     for orphan in found:
         click.secho(f"warning: {orphan.warning()}", err=True, fg="red", bold=True)

@@ -602,7 +602,7 @@ def _budget_left_s(ctx: RunContext) -> float | None:
 def _stopped_by_budget(ctx: RunContext) -> bool:
     """Whether the watchdog stopped the trainer at a budget cap (its log, brought home, says)."""
     log = ctx.run_dir / "logs" / "watchdog.log"
-    with contextlib.suppress(ProviderFailure):
+    with contextlib.suppress(ProviderFailure, EOFError, OSError):  # the watchdog may be powering off
         ctx.host.fetch_host_log("watchdog.log", log)
     ctx.budget_stop = budget.stopped_by_budget(log.read_text(encoding="utf-8")) if log.is_file() else None
     if ctx.budget_stop:
@@ -626,7 +626,7 @@ def _surviving_power_off(ctx: RunContext, action: Callable[[], T]) -> T:
     meanwhile (its watchdog), boot it without the GPU and do action() again there."""
     try:
         return action()
-    except ProviderFailure:
+    except (ProviderFailure, EOFError, OSError):  # a link cut mid-read can surface raw from paramiko
         if ctx.instance_id is None or not _going_off(ctx):
             raise
     ctx.reporter.info(f"instance {ctx.instance_id} powered itself off (watchdog); booting it without the GPU")
@@ -649,7 +649,7 @@ def _drop_host(ctx: RunContext) -> None:
     """Let go of the host without removing the run's files; one already gone is fine."""
     host, ctx.host = ctx.host, None
     if host is not None:
-        with contextlib.suppress(ProviderFailure):
+        with contextlib.suppress(ProviderFailure, EOFError, OSError):
             host.close(keep_workspace=True)
 
 
@@ -725,9 +725,9 @@ def _reachable_without_boot(ctx: RunContext) -> bool:
 
 
 def _running_mode(ctx: RunContext) -> PowerMode | None:
-    """The mode the instance runs in now (None when it does not run)."""
+    """The mode the instance runs (or boots) in now; None when it is off or stopping."""
     now = ctx.provider.api.describe(ctx.instance_id)
-    return now.mode if now.state is InstanceState.RUNNING else None
+    return now.mode if now.state in (InstanceState.RUNNING, InstanceState.STARTING) else None
 
 
 def _instance_state(ctx: RunContext) -> InstanceState:
