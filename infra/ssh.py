@@ -238,9 +238,8 @@ class SshHost:
         from runner.steps import StepState
 
         handle = self._started_before(request.name, on_output)
-        if request.guard is not None and (
-            handle is None or self.runtime.poll(handle).state is StepState.RUNNING
-        ):
+        guarded = request.guard is not None and bool(self.power_off)  # a rented instance: it bills
+        if guarded and (handle is None or self.runtime.poll(handle).state is StepState.RUNNING):
             self._start_watchdog(request.name, request.guard)
         if handle is None:
             handle = self.runtime.start_step(
