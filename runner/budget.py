@@ -47,13 +47,22 @@ def seconds_left(spec: JobSpec, billed: Iterable[Interval], gpu_rate: float, now
     return min(left) if left else None
 
 
-def stopped_by_budget(watchdog_log: str) -> str | None:
-    """The watchdog's reason, if it stopped the run at a budget cap."""
-    for line in watchdog_log.splitlines():
+def watchdog_decisions(text: str) -> list[dict]:
+    """The decisions a watchdog.log holds (one JSON object per line; others are skipped)."""
+    decisions = []
+    for line in text.splitlines():
         try:
             entry = json.loads(line)
         except ValueError:
             continue
+        if isinstance(entry, dict):
+            decisions.append(entry)
+    return decisions
+
+
+def stopped_by_budget(watchdog_log: str) -> str | None:
+    """The watchdog's reason, if it stopped the run at a budget cap."""
+    for entry in watchdog_decisions(watchdog_log):
         if entry.get("action") == "stop" and entry.get("budget"):
             return str(entry.get("reason"))
     return None

@@ -100,9 +100,7 @@ def power_off(store: Store, orphans: list[Orphan]) -> list[str]:
         api = _api_of(store, orphan.run_id)
         if api is None:
             continue
-        instances.shut(api, orphan.instance_id, instances.BootPolicy())
-        store.close_interval(orphan.instance_id, time.time(), "controller")
-        store.add_event(orphan.run_id, "instance.powered_off", id=orphan.instance_id, by="runner down")
+        _shut(store, api, instances.BootPolicy(), orphan.instance_id, orphan.run_id)
         done.append(orphan.instance_id)
     return done
 
@@ -111,7 +109,6 @@ def down_run(store: Store, run_id: str, grace_s: float) -> str | None:
     """Stop a run nobody drives: its trainer gets SIGTERM (SIGKILL after grace_s) if its instance
     runs, then the instance is powered off; the run is recorded as interrupted. The instance ID,
     or None when the run has none."""
-    from infra import instances
     from infra.registry import provider_for
     from runner.spec import load_spec
 
@@ -128,9 +125,16 @@ def down_run(store: Store, run_id: str, grace_s: float) -> str | None:
                 host.stop_step("train", grace_s)
             finally:
                 host.close(keep_workspace=True)
-    instances.shut(provider.api, instance.id, provider.boot_policy)
-    store.close_interval(instance.id, time.time(), "controller")
-    store.add_event(run.id, "instance.powered_off", id=instance.id, by="runner down")
+    _shut(store, provider.api, provider.boot_policy, instance.id, run.id)
     if run.status == "running":
         store.finish_run(run.id, "interrupted", 130, "stopped with runner down")
     return instance.id
+
+
+def _shut(store: Store, api, policy, instance_id: str, run_id: str) -> None:
+    """Power off, wait until stopped, and end the interval the ledger has open."""
+    from infra import instances
+
+    instances.shut(api, instance_id, policy)
+    store.close_interval(instance_id, time.time(), "controller")
+    store.add_event(run_id, "instance.powered_off", id=instance_id, by="runner down")

@@ -482,11 +482,7 @@ def _settle_with_watchdog(ctx: RunContext) -> None:
     log = ctx.run_dir / "logs" / "watchdog.log"
     if ctx.instance_id is None or not log.is_file():
         return
-    for line in log.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            continue
+    for entry in budget.watchdog_decisions(log.read_text(encoding="utf-8", errors="replace")):
         if entry.get("action") != "power_off" or not isinstance(entry.get("ts"), (int, float)):
             continue
         for interval in ctx.store.ledger(ctx.run.id):
