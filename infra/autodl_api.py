@@ -18,6 +18,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
+from datetime import datetime
 
 from infra.base import Instance, InstanceState, PowerMode, SshAccess
 from runner.errors import (
@@ -150,7 +151,19 @@ def to_instance(item: dict, cpu_price: float = NO_GPU_PRICE_CNY) -> Instance:
         price_per_hour={PowerMode.GPU: gpu_price, PowerMode.CPU: cpu_price},
         currency="CNY",
         name=str(item.get("instance_name") or ""),
+        stopped_at=_stopped_at(item.get("stopped_at")) if state is InstanceState.STOPPED else None,
     )
+
+
+def _stopped_at(value: object) -> float | None:
+    """The console's `stopped_at` ({"Time": RFC 3339, "Valid": bool}) as epoch seconds; None when
+    it is not valid or cannot be read (the ledger then uses the moment it saw the instance off)."""
+    if not isinstance(value, dict) or not value.get("Valid"):
+        return None
+    try:
+        return datetime.fromisoformat(str(value.get("Time")).replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
 
 
 class ConsoleInstances:

@@ -183,6 +183,7 @@ class Instance:
     price_per_hour: dict[PowerMode, float] = field(default_factory=dict)
     currency: str = "CNY"
     name: str = ""
+    stopped_at: float | None = None  # when the provider saw it stop (epoch s), where it reports that
 
 
 class InstanceApi(Protocol):

@@ -84,14 +84,15 @@ def wait_running(api: InstanceApi, instance_id: str, mode: PowerMode, policy: Bo
         time.sleep(policy.poll_s)
 
 
-def shut(api: InstanceApi, instance_id: str, policy: BootPolicy) -> None:
-    """Power off (unless already off) and wait until the cloud reports it stopped."""
+def shut(api: InstanceApi, instance_id: str, policy: BootPolicy) -> Instance:
+    """Power off (unless already off) and wait until the cloud reports it stopped; the
+    instance as then described (with the provider's stop time, where it reports one)."""
     deadline = time.monotonic() + policy.stop_timeout_s
     asked = False
     while True:
         current = api.describe(instance_id)
         if current.state in (InstanceState.STOPPED, InstanceState.RELEASED):
-            return
+            return current
         if not asked and current.state in (InstanceState.RUNNING, InstanceState.STARTING):
             api.power_off(instance_id)
             asked = True

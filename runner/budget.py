@@ -8,12 +8,14 @@ from collections.abc import Iterable
 
 from runner.cost import Interval, totals
 from runner.errors import BudgetExceeded
-from runner.spec import JobSpec
+from runner.spec import JobSpec, Pricing
 
 
-def check_estimate(spec: JobSpec) -> str | None:
-    """Refuse a run whose expected hours at the spec's rates exceed a cap; the estimate, if any."""
-    budget, pricing = spec.budget, spec.pricing
+def check_estimate(spec: JobSpec, pricing: Pricing) -> str | None:
+    """Refuse a run whose expected hours at the job's rates (runner.pricing.for_job) exceed a
+    cap, or whose GPU rate is over budget.max_hourly_price; the estimate, if any."""
+    budget = spec.budget
+    check_hourly_price(spec, pricing.currency, pricing.gpu_per_hour, pricing.currency, "the job's pricing")
     gpu_h, cpu_h = budget.expected_gpu_hours, budget.expected_cpu_hours
     if gpu_h is None and cpu_h is None:
         return None
@@ -32,7 +34,25 @@ def check_estimate(spec: JobSpec) -> str | None:
     return text
 
 
-def seconds_left(spec: JobSpec, billed: Iterable[Interval], gpu_rate: float, now: float) -> float | None:
+def check_hourly_price(spec: JobSpec, job_currency: str, price: float, currency: str, source: str) -> None:
+    """Refuse a GPU dearer per hour than budget.max_hourly_price (in the job's currency)."""
+    cap = spec.budget.max_hourly_price
+    if cap is None:
+        return
+    if currency != job_currency:
+        raise BudgetExceeded(
+            f"{source} gives the GPU's price in {currency}; budget.max_hourly_price is in"
+            f" {job_currency} (set pricing.currency to compare them)"
+        )
+    if price > cap:
+        raise BudgetExceeded(
+            f"{source} puts the GPU at {price:g} {currency}/h, over budget.max_hourly_price {cap:g}"
+        )
+
+
+def seconds_left(
+    spec: JobSpec, billed: Iterable[Interval], gpu_rate: float, currency: str, now: float
+) -> float | None:
     """Seconds of GPU time the caps still allow the run (None without caps), from what the
     ledger billed it so far, the GPU boot running now included."""
     budget = spec.budget
@@ -42,7 +62,7 @@ def seconds_left(spec: JobSpec, billed: Iterable[Interval], gpu_rate: float, now
         used = sum(t.seconds.get("gpu", 0.0) for t in spent)
         left.append(budget.max_gpu_hours * 3600 - used)
     if budget.max_cost is not None and gpu_rate > 0:
-        cost = sum(t.total for t in spent if t.currency == spec.pricing.currency) if spent else 0.0
+        cost = sum(t.total for t in spent if t.currency == currency)
         left.append((budget.max_cost - cost) / gpu_rate * 3600)
     return min(left) if left else None
 

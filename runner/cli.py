@@ -10,6 +10,7 @@ import functools
 import json
 import sys
 import traceback
+from collections.abc import Iterable
 from datetime import datetime
 from pathlib import Path
 
@@ -269,8 +270,9 @@ def runs(limit: int, as_json: bool) -> None:
 def cost(run_ref: str | None, since, until, as_csv: bool, as_json: bool) -> None:
     """What runs cost, from the ledger of billed intervals (no-GPU and GPU mode).
 
-    Without RUN: one line per run (and currency) in the period, then totals per currency.
-    With RUN: the run's timeline (phase, mode, seconds, cost).
+    Without RUN: one line per run (and currency) in the period, then totals per day and
+    provider, and per currency (currencies are never added together). With RUN: the run's
+    timeline (phase, mode, seconds, cost, and which witness ended each interval).
 
     Example: runner cost --since 2026-12-01 --csv > december.csv
     """
@@ -303,34 +305,53 @@ def cost(run_ref: str | None, since, until, as_csv: bool, as_json: bool) -> None
 
 
 def _print_timeline(report: dict) -> None:
-    lines = [
-        f"{i['phase'] or '':<10} {i['mode']:<4} {i['seconds']:>9.1f} {i['rate_per_hour']:>8.3f}"
-        f" {i['cost']:>10.4f}  {i['source']}"
-        for i in report["timeline"]
-    ]
-    _print_cost_table(
-        f"{'PHASE':<10} {'MODE':<4} {'SECONDS':>9} {'RATE/H':>8} {'COST':>10}  SOURCE", lines, report
+    _echo_table(
+        f"{'PHASE':<10} {'MODE':<4} {'SECONDS':>9} {'RATE/H':>8} {'COST':>10}  SOURCE",
+        (
+            f"{i['phase'] or '':<10} {i['mode']:<4} {i['seconds']:>9.1f} {i['rate_per_hour']:>8.3f}"
+            f" {i['cost']:>10.4f}  {i['source']}"
+            for i in report["timeline"]
+        ),
     )
+    _echo_totals(report)
+    if "balance" in report:
+        click.echo(f"balance spent {report['balance']['spent']:.4f} (the provider's account, before - after)")
 
 
 def _print_runs_cost(report: dict) -> None:
     if not report["runs"]:
         click.echo("no billed runs in this period", err=True)
         return
-    lines = [
-        f"{r['run_id']:<44} {r['provider']:<9} {r['gpu_hours']:>7.3f} {r['cpu_hours']:>7.3f}"
-        f" {r['gpu_cost']:>9.4f} {r['cpu_cost']:>9.4f} {r['total']:>9.4f} {r['currency']}"
-        for r in report["runs"]
-    ]
-    header = f"{'RUN':<44} {'PROVIDER':<9} {'GPU H':>7} {'CPU H':>7} {'GPU':>9} {'CPU':>9} {'TOTAL':>9} CUR"
-    _print_cost_table(header, lines, report)
+    _echo_table(
+        f"{'RUN':<44} {'PROVIDER':<9} {'STATUS':<11} {'GPU H':>7} {'CPU H':>7}"
+        f" {'GPU':>9} {'CPU':>9} {'TOTAL':>9} CUR",
+        (
+            f"{r['run_id']:<44} {r['provider']:<9} {r['status']:<11} {r['gpu_hours']:>7.3f}"
+            f" {r['cpu_hours']:>7.3f} {r['gpu_cost']:>9.4f} {r['cpu_cost']:>9.4f} {r['total']:>9.4f}"
+            f" {r['currency']}"
+            for r in report["runs"]
+        ),
+    )
+    click.echo()
+    _echo_table(
+        f"{'DAY':<10} {'PROVIDER':<9} {'GPU H':>7} {'CPU H':>7} {'TOTAL':>9} CUR",
+        (
+            f"{d['day']:<10} {d['provider']:<9} {d['gpu_hours']:>7.3f} {d['cpu_hours']:>7.3f}"
+            f" {d['total']:>9.4f} {d['currency']}"
+            for d in report["by_day_provider"]
+        ),
+    )
+    _echo_totals(report)
 
 
-def _print_cost_table(header: str, lines: list[str], report: dict) -> None:
-    """A cost table, then one total line per currency."""
+def _echo_table(header: str, lines: Iterable[str]) -> None:
     click.echo(header)
     for line in lines:
         click.echo(line)
+
+
+def _echo_totals(report: dict) -> None:
+    """One total line per currency: amounts in different currencies are never added."""
     for total in report["totals"]:
         click.echo(f"total {total['total']:.4f} {total['currency']}")
 

@@ -3,7 +3,8 @@
 An instance is a suspect when the ledger still has an interval open for it (it was booted and
 not seen off) and no runner process drives its run (the run's lock is free: the process was
 killed, or the laptop slept). Its provider is asked how it is; one seen off closes its interval
-in the ledger, one still running is an orphan, reported with what it costs per hour. The check
+in the ledger (at the provider's stop time where it reports one: runner.billing), one still
+running is an orphan, reported with what it costs per hour. The check
 costs one SQL query when nothing is suspect, and asks the providers at most once a minute.
 """
 
@@ -15,7 +16,7 @@ import time
 from dataclasses import asdict, dataclass
 
 from infra.base import InstanceState
-from runner import runlock
+from runner import billing, runlock
 from runner.errors import RunnerError
 from runner.home import private_file, runner_home
 from runner.store import Store
@@ -75,7 +76,7 @@ def _ask_provider(store: Store, interval) -> Orphan | None:
         return Orphan(
             interval.instance_id, interval.run_id, interval.mode, interval.rate_per_hour, interval.currency
         )
-    store.close_interval(interval.instance_id, time.time(), "provider")
+    billing.close_at_stop(store, now, time.time())
     return None
 
 
@@ -135,6 +136,5 @@ def _shut(store: Store, api, policy, instance_id: str, run_id: str) -> None:
     """Power off, wait until stopped, and end the interval the ledger has open."""
     from infra import instances
 
-    instances.shut(api, instance_id, policy)
-    store.close_interval(instance_id, time.time(), "controller")
+    billing.close_at_stop(store, instances.shut(api, instance_id, policy), time.time())
     store.add_event(run_id, "instance.powered_off", id=instance_id, by="runner down")

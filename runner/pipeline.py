@@ -26,7 +26,7 @@ from typing import TypeVar
 from infra import instances
 from infra.base import ContainerRun, Guard, Host, Instance, InstanceState, PowerMode, Provider
 from infra.registry import provider_for
-from runner import budget, cost, manifest, runlock
+from runner import billing, budget, manifest, pricing, runlock
 from runner.console import Reporter
 from runner.errors import (
     EXIT_OK,
@@ -248,7 +248,10 @@ def _execute(ctx: RunContext, done: frozenset[str] = frozenset()) -> RunResult:
         phases = store.phases(run.id)
         manifest.write(ctx, run, phases)
         if ctx.instance_id is not None:
-            _report_cost(ctx, _write_cost(ctx))
+            report = billing.run_report(store, run.id)
+            write_json_atomic(ctx.run_dir / "cost.json", report)
+            for line in billing.summary_lines(report):
+                ctx.reporter.info(line)
     ctx.reporter.phase("run", status, error or "")
     if ctx.instance_id is None and any(event.kind == "step.detached" for event in store.events(run.id)):
         ctx.reporter.info(
@@ -267,15 +270,6 @@ def _run_phases(ctx: RunContext, done: frozenset[str]) -> None:
             _run_phase(ctx, name)
     if ctx.budget_stop:
         raise BudgetExceeded(f"{ctx.budget_stop}; the outputs written until then were collected")
-
-
-def _report_cost(ctx: RunContext, report: dict) -> None:
-    for total in report["totals"]:
-        parts = ", ".join(
-            f"{mode} {total['seconds'][mode]:.0f}s {total['cost'][mode]:.4f}"
-            for mode in sorted(total["cost"])
-        )
-        ctx.reporter.info(f"cost: {total['total']:.4f} {total['currency']} ({parts})")
 
 
 def _internal(exc: BaseException) -> str:
@@ -366,7 +360,7 @@ def _plan(ctx: RunContext) -> None:
     """Check the secrets, hash the inputs and pin the image before anything is staged or paid for."""
     spec = ctx.loaded.spec
     _secret_values(tuple({name for part in (*spec.setup, spec.train) for name in part.secrets}))
-    estimate = budget.check_estimate(spec)
+    estimate = budget.check_estimate(spec, pricing.for_job(spec))
     if estimate is not None:
         ctx.reporter.info(f"budget: {estimate}")
         ctx.store.add_event(ctx.run.id, "budget.estimate", text=estimate)
@@ -437,77 +431,31 @@ def _open_host(ctx: RunContext, mode: PowerMode | None, *, with_image: bool) -> 
 
 def _boot(ctx: RunContext, mode: PowerMode) -> Instance:
     provider = ctx.provider
+    if _train_mode(ctx) is PowerMode.GPU:
+        _check_gpu_price(ctx)
     ctx.reporter.info(f"booting {ctx.instance_id} ({mode.value} mode)")
     requested = time.time()
     instance = instances.boot(provider.api, ctx.instance_id, mode, provider.boot_policy, ctx.reporter.info)
     ctx.store.add_event(ctx.run.id, "instance.powered_on", id=ctx.instance_id, mode=mode.value)
-    _bill_from(ctx, instance, mode, requested)
+    billing.open_for_boot(ctx.store, ctx.loaded.spec, ctx.run.id, ctx.phase, instance, mode, requested)
     return instance
 
 
-def _bill_from(ctx: RunContext, instance: Instance, mode: PowerMode, since: float) -> None:
-    """Open the ledger's interval for this boot, unless the open one already bills this mode
-    (a resumed run finding the instance as it left it)."""
-    current = ctx.store.open_interval_of(instance.id)
-    if current is not None and current.mode == mode.value:
-        return
-    if current is not None:  # booted in the other mode since: that interval ended when asked
-        ctx.store.close_interval(instance.id, since, "controller")
-    rate, currency = _rate(ctx, instance, mode)
-    ctx.store.open_interval(
-        cost.Interval(
-            instance.id, mode.value, since, None, rate, currency, "controller", ctx.run.id, ctx.phase
-        )
-    )
-
-
-def _rate(ctx: RunContext, instance: Instance, mode: PowerMode) -> tuple[float, str]:
-    """The hourly price of mode: the provider's own when it reports one, else the spec's."""
-    reported = instance.price_per_hour.get(mode)
-    if reported:
-        return reported, instance.currency
-    pricing = ctx.loaded.spec.pricing
-    return (pricing.gpu_per_hour if mode is PowerMode.GPU else pricing.cpu_per_hour), pricing.currency
+def _check_gpu_price(ctx: RunContext) -> None:
+    """Refuse to boot an instance whose provider now prices its GPU over budget.max_hourly_price
+    (checked before every boot: a set-up boot is wasted money if training cannot follow)."""
+    instance = ctx.provider.api.describe(ctx.instance_id)
+    price = instance.price_per_hour.get(PowerMode.GPU)
+    if price:
+        job_currency = pricing.for_job(ctx.loaded.spec).currency
+        where = f"{ctx.provider.type} instance {ctx.instance_id}"
+        budget.check_hourly_price(ctx.loaded.spec, job_currency, price, instance.currency, where)
 
 
 def _power_off(ctx: RunContext) -> None:
-    instances.shut(ctx.provider.api, ctx.instance_id, ctx.provider.boot_policy)
+    stopped = instances.shut(ctx.provider.api, ctx.instance_id, ctx.provider.boot_policy)
     ctx.store.add_event(ctx.run.id, "instance.powered_off", id=ctx.instance_id)
-    ctx.store.close_interval(ctx.instance_id, time.time(), "controller")
-
-
-def _settle_with_watchdog(ctx: RunContext) -> None:
-    """The watchdog's power-off time, brought home in its log, ends the GPU interval the
-    controller could only close when it next looked."""
-    log = ctx.run_dir / "logs" / "watchdog.log"
-    if ctx.instance_id is None or not log.is_file():
-        return
-    for entry in budget.watchdog_decisions(log.read_text(encoding="utf-8", errors="replace")):
-        if entry.get("action") != "power_off" or not isinstance(entry.get("ts"), (int, float)):
-            continue
-        for interval in ctx.store.ledger(ctx.run.id):
-            if interval.instance_id == ctx.instance_id and interval.started_at <= entry["ts"] < interval.end(
-                time.time()
-            ):
-                ctx.store.correct_end(ctx.instance_id, interval.started_at, entry["ts"], "watchdog")
-
-
-def _write_cost(ctx: RunContext) -> dict:
-    """runs/<id>/cost.json: the run's billed intervals and totals, and the balance difference
-    where the provider has a balance."""
-    report = cost.run_report(ctx.run.id, ctx.store.ledger(ctx.run.id), time.time())
-    balances = {
-        e.kind: e.data["value"] for e in ctx.store.events(ctx.run.id) if e.kind.startswith("balance.")
-    }
-    if "balance.before" in balances and "balance.after" in balances:
-        spent = balances["balance.before"] - balances["balance.after"]
-        report["balance"] = {
-            "before": balances["balance.before"],
-            "after": balances["balance.after"],
-            "spent": round(spent, 6),
-        }
-    write_json_atomic(ctx.run_dir / "cost.json", report)
-    return report
+    billing.close_at_stop(ctx.store, stopped, time.time())
 
 
 def _note_balance(ctx: RunContext, when: str) -> None:
@@ -587,9 +535,12 @@ def _train(ctx: RunContext) -> None:
 
 def _budget_left_s(ctx: RunContext) -> float | None:
     """GPU seconds the budget's caps leave for training (None without caps)."""
-    billing = ctx.store.open_interval_of(ctx.instance_id) if ctx.instance_id else None
-    rate = billing.rate_per_hour if billing else ctx.loaded.spec.pricing.gpu_per_hour
-    left = budget.seconds_left(ctx.loaded.spec, ctx.store.ledger(ctx.run.id), rate, time.time())
+    billed = ctx.store.open_interval_of(ctx.instance_id) if ctx.instance_id else None
+    rates = pricing.for_job(ctx.loaded.spec)
+    rate, currency = (
+        (billed.rate_per_hour, billed.currency) if billed else (rates.gpu_per_hour, rates.currency)
+    )
+    left = budget.seconds_left(ctx.loaded.spec, ctx.store.ledger(ctx.run.id), rate, currency, time.time())
     if left is not None and left <= 0:
         raise BudgetExceeded("the budget is spent before training starts (see `runner cost RUN`)")
     return left
@@ -697,7 +648,10 @@ def _teardown(ctx: RunContext) -> None:
     finally:
         if ctx.instance_id is not None:
             _end_instance(ctx)
-            _settle_with_watchdog(ctx)
+            watchdog_log = ctx.run_dir / "logs" / "watchdog.log"
+            if watchdog_log.is_file():
+                text = watchdog_log.read_text(encoding="utf-8", errors="replace")
+                billing.settle_with_watchdog(ctx.store, ctx.run.id, ctx.instance_id, text)
             _note_balance(ctx, "after")
 
 

@@ -1,4 +1,5 @@
-"""Shared fixtures: every test gets its own RUNNER_HOME, so no test touches real state."""
+"""Shared fixtures: every test gets its own RUNNER_HOME and user config file (none unless the
+test writes one), so no test touches real state or reads the user's settings."""
 
 from __future__ import annotations
 
@@ -9,4 +10,5 @@ import pytest
 def runner_home(tmp_path_factory, monkeypatch):
     home = tmp_path_factory.mktemp("runner-home")
     monkeypatch.setenv("RUNNER_HOME", str(home))
+    monkeypatch.setenv("RUNNER_CONFIG", str(home / "config.toml"))
     return home

@@ -47,3 +47,16 @@ def test_an_estimate_over_the_cap_is_refused_before_anything_is_billed(cloud, tm
     )
     assert json.dumps(payload["phases"]).count('"provision"') == 0
     assert len(admin(cloud, "/emulator/v1/power_log")) == before
+
+
+def test_a_gpu_priced_over_max_hourly_price_is_never_booted(cloud, tmp_path, tiny_image):
+    """The spec's own rates pass validation; the emulator's reported price (2.15/h) does not."""
+    before = len(admin(cloud, "/emulator/v1/power_log"))
+    spec = tiny_job(tmp_path, tiny_image, "budget-price", "true")
+    spec.write_text(spec.read_text() + "budget: {max_hourly_price: 2}\n")
+    code, payload, stderr = submit(cloud, spec)
+    assert code == 4, stderr[-4000:]
+    assert payload["error"].endswith("puts the GPU at 2.15 CNY/h, over budget.max_hourly_price 2")
+    assert payload["error"].startswith("emulator instance ")
+    assert [p["name"] for p in payload["phases"] if p["status"] == "failed"] == ["provision"]
+    assert len(admin(cloud, "/emulator/v1/power_log")) == before  # no boot in either mode

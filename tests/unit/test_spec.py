@@ -220,27 +220,6 @@ def test_caps_that_would_not_be_enforced_are_refused(tmp_path):
     assert sum("enforced by the watchdog on a remote host" in line for line in lines) == 1
 
 
-def test_an_estimate_over_a_cap_is_refused_with_the_estimate(tmp_path):
-    from runner.budget import check_estimate
-    from runner.errors import BudgetExceeded
-
-    text = RENTED.format("  type: emulator", DIGEST)
-    text += "pricing: {gpu_per_hour: 2.15, cpu_per_hour: 0.1}\n"
-    (tmp_path / "job.yaml").write_text(
-        text + "budget: {max_cost: 10, expected_gpu_hours: 5, expected_cpu_hours: 2}\n", encoding="utf-8"
-    )
-    with pytest.raises(BudgetExceeded) as refused:
-        check_estimate(load_spec(tmp_path / "job.yaml").spec)
-    assert refused.value.exit_code == 4
-    assert refused.value.message == (
-        "estimated 10.95 CNY: 5 GPU h at 2.15/h + 2 no-GPU h at 0.1/h, over budget.max_cost 10"
-    )
-    (tmp_path / "job.yaml").write_text(
-        text + "budget: {max_cost: 11, expected_gpu_hours: 5}\n", encoding="utf-8"
-    )
-    assert check_estimate(load_spec(tmp_path / "job.yaml").spec).startswith("estimated 10.75 CNY")
-
-
 RENTED = "name: demo\nprovider:\n{}\nimage: {{ref: 'sha256:{}'}}\ntrain: {{run: 'true'}}\noutputs: [/out]\n"
 
 
