@@ -238,8 +238,9 @@ class SshHost:
         from runner.steps import StepState
 
         handle = self._started_before(request.name, on_output)
-        guarded = request.guard is not None and bool(self.power_off)  # a rented instance: it bills
-        if guarded and (handle is None or self.runtime.poll(handle).state is StepState.RUNNING):
+        if self._needs_watchdog(request.guard) and (
+            handle is None or self.runtime.poll(handle).state is StepState.RUNNING
+        ):
             self._start_watchdog(request.name, request.guard)
         if handle is None:
             handle = self.runtime.start_step(
@@ -286,6 +287,13 @@ class SshHost:
         if self.runtime.poll(handle).state is StepState.RUNNING:
             return self.runtime.stop(handle, grace_s=grace_s)
         return self.runtime.poll(handle).exit_code
+
+    def _needs_watchdog(self, guard: Guard | None) -> bool:
+        """A guarded step gets a watchdog where it has something to do: power a rented instance
+        off, or (on any host) stop a stalled, over-budget or abandoned trainer."""
+        if guard is None:
+            return False
+        return bool(self.power_off) or any((guard.stall_s, guard.heartbeat_s, guard.max_run_s))
 
     def _start_watchdog(self, step: str, guard: Guard) -> None:
         """Start the step's watchdog (remote_scripts/watchdog.py) unless one already guards it:

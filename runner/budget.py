@@ -80,9 +80,7 @@ def watchdog_decisions(text: str) -> list[dict]:
     return decisions
 
 
-def stopped_by_budget(watchdog_log: str) -> str | None:
-    """The watchdog's reason, if it stopped the run at a budget cap."""
-    for entry in watchdog_decisions(watchdog_log):
-        if entry.get("action") == "stop" and entry.get("budget"):
-            return str(entry.get("reason"))
-    return None
+def watchdog_stop(watchdog_log: str) -> dict | None:
+    """The watchdog's decision to stop the trainer, if it made one: its `reason`, and `budget`
+    true when a cap made it."""
+    return next((e for e in watchdog_decisions(watchdog_log) if e.get("action") == "stop"), None)

@@ -67,7 +67,7 @@ class RunContext:
     failed: bool = False
     pinned: Pinned | None = None  # set on resume: what the run used before, checked by plan
     phase: str | None = None  # the phase running now
-    budget_stop: str | None = None  # why the watchdog stopped training at a budget cap
+    watchdog_stop: dict | None = None  # the watchdog's decision to stop training (its reason)
 
     def log_sink(
         self, log_name: str, source: str, *, echo: bool = True, fresh: bool = False
@@ -223,6 +223,9 @@ def _restore(ctx: RunContext, done: frozenset[str]) -> None:
     ctx.pinned = Pinned(image_id, inputs)
     if "collect" in done:
         ctx.artifacts = manifest.read_artifacts(ctx.run)
+    watchdog_log = ctx.run_dir / "logs" / "watchdog.log"
+    if "train" in done and watchdog_log.is_file():  # a stop made then still fails the run
+        ctx.watchdog_stop = budget.watchdog_stop(watchdog_log.read_text(encoding="utf-8"))
 
 
 def _execute(ctx: RunContext, done: frozenset[str] = frozenset()) -> RunResult:
@@ -268,8 +271,10 @@ def _run_phases(ctx: RunContext, done: frozenset[str]) -> None:
     for name in PHASES[:-1]:
         if name not in done:
             _run_phase(ctx, name)
-    if ctx.budget_stop:
-        raise BudgetExceeded(f"{ctx.budget_stop}; the outputs written until then were collected")
+    stop = ctx.watchdog_stop
+    if stop is not None:  # training was cut short: the run fails, with what it wrote brought home
+        text = f"the watchdog stopped training: {stop.get('reason')}; what it wrote until then was collected"
+        raise BudgetExceeded(text) if stop.get("budget") else RunFailed(text)
 
 
 def _internal(exc: BaseException) -> str:
@@ -527,10 +532,10 @@ def _train(ctx: RunContext) -> None:
     try:
         _surviving_power_off(ctx, lambda: _run_container(ctx, request, "train.log"))
     except RunFailed:
-        if not _stopped_by_budget(ctx):
+        if _watchdog_stop(ctx) is None:
             raise
     else:
-        _stopped_by_budget(ctx)
+        _watchdog_stop(ctx)
 
 
 def _budget_left_s(ctx: RunContext) -> float | None:
@@ -546,15 +551,18 @@ def _budget_left_s(ctx: RunContext) -> float | None:
     return left
 
 
-def _stopped_by_budget(ctx: RunContext) -> bool:
-    """Whether the watchdog stopped the trainer at a budget cap (its log, brought home, says)."""
+def _watchdog_stop(ctx: RunContext) -> dict | None:
+    """The watchdog's decision to stop the trainer, if it made one (its log, brought home, says);
+    kept in ctx.watchdog_stop: the run collects what was written, then fails (exit code 4 at a
+    budget cap)."""
     log = ctx.run_dir / "logs" / "watchdog.log"
     with contextlib.suppress(ProviderFailure, EOFError, OSError):  # the watchdog may be powering off
         ctx.host.fetch_host_log("watchdog.log", log)
-    ctx.budget_stop = budget.stopped_by_budget(log.read_text(encoding="utf-8")) if log.is_file() else None
-    if ctx.budget_stop:
-        ctx.reporter.warn(f"the watchdog stopped training: {ctx.budget_stop}")
-    return ctx.budget_stop is not None
+    stop = budget.watchdog_stop(log.read_text(encoding="utf-8")) if log.is_file() else None
+    if stop is not None:
+        ctx.reporter.warn(f"the watchdog stopped training: {stop.get('reason')}")
+    ctx.watchdog_stop = stop
+    return stop
 
 
 def _off_after_training(ctx: RunContext) -> bool:

@@ -26,7 +26,9 @@ def test_a_cap_reached_while_training_stops_it_keeps_the_checkpoint_and_exits_4(
     spec.write_text(text + f"budget: {{max_gpu_hours: {CAP_H}}}\nwatchdog: {{interval_s: 1}}\n")
     code, payload, stderr = submit(cloud, spec)
     assert code == 4, stderr[-4000:]
-    assert payload["error"].startswith("budget: the run's GPU time or cost cap is reached")
+    assert payload["error"].startswith(
+        "the watchdog stopped training: budget: the run's GPU time or cost cap"
+    )
     assert (Path(payload["run_dir"]) / "artifacts" / "ckpt-final").read_text() == "checkpoint\n"
     log = intervals(cloud, payload["run_id"])
     gpu = [i for i in log if i["mode"] == "gpu"]

@@ -5,12 +5,13 @@ with SIGTERM first, so its checkpoint survives and `runner resume` brings it hom
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
 
 from runner.store import Store
-from tests.emulator.cloud import intervals, runner, tiny_job
+from tests.emulator.cloud import admin, intervals, runner, tiny_job
 from tests.emulator.test_resume import log_has, submit_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
@@ -52,3 +53,25 @@ def test_down_run_stops_the_trainer_with_sigterm_then_resume_collects_its_checkp
     resumed = runner(cloud, "resume", run_id, "--json", timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert (Path(json.loads(resumed.stdout)["run_dir"]) / "artifacts" / "ckpt").read_text() == "saved\n"
+
+
+def test_an_instance_stopped_from_outside_is_reconciled_at_the_providers_stop_time(
+    cloud, tmp_path, tiny_image
+):
+    """Powered off in the console while nothing drove its run: the next command closes the
+    interval at the moment the provider says it stopped, not when the command happened to run."""
+    run_id = left_billing(cloud, tmp_path, tiny_image, "orphan-outside")
+    gpu = intervals(cloud, run_id)[-1]
+    admin(cloud, "/api/v1/instance/power_off", {"instance_uuid": gpu["instance_uuid"]})
+    deadline = time.monotonic() + 60
+    while (stopped := intervals(cloud, run_id)[-1])["ended_at"] is None:
+        assert time.monotonic() < deadline, "the emulator never stopped the instance"
+        time.sleep(0.5)
+    time.sleep(3)  # the command below comes later than the stop
+    listed = runner(cloud, "runs")
+    assert listed.returncode == 0 and "no runner process driving it" not in listed.stderr
+    with Store(Path(cloud["RUNNER_HOME"])) as store:
+        ours = [i for i in store.ledger(run_id) if i.mode == "gpu"]
+    assert [(i.ended_at, i.source) for i in ours] == [
+        (pytest.approx(stopped["ended_at"], abs=1e-3), "provider")
+    ]

@@ -70,7 +70,7 @@ class Target:
     port: int
     data_dir: str
     exists: Callable[[str], bool]  # whether a path exists on the host
-    busy: Callable[[], bool]  # whether a step's `sleep` is running there
+    busy: Callable[[], bool]  # whether a step's `sleep N` is running there (not a launcher's `sleep 0.1`)
 
 
 @pytest.fixture(scope="module", params=["container", "vm"])
@@ -84,7 +84,8 @@ def ssh_host(request) -> Target:
 
         return Target(
             "container", "rootfs", "127.0.0.1", host.port, "/srv/runner-data",
-            exists=lambda path: on_host("test", "-e", path), busy=lambda: on_host("pgrep", "-x", "sleep"),
+            exists=lambda path: on_host("test", "-e", path),
+            busy=lambda: on_host("pgrep", "-f", "^sleep [0-9]+$"),
         )  # fmt: skip
     vm = request.getfixturevalue("vm_host")
 
@@ -227,6 +228,26 @@ def test_failing_train_step_exits_1_with_its_log(job_folder, ssh_host, image_id)
     assert (Path(payload["run_dir"]) / "logs" / "train.log").read_text() == "boom\n"
     # a failed run's folder is kept on the host for inspection
     assert ssh_host.exists(f"{ssh_host.data_dir}/runner/runs/{payload['run_id']}/data/x")
+
+
+@whole_run
+def test_a_stalled_trainer_is_stopped_by_the_watchdog_and_its_checkpoint_collected(
+    job_folder, ssh_host, image_id
+):
+    """On a host the user owns nothing is powered off, but a stuck trainer still gets SIGTERM."""
+    steps = "; ".join(f"echo '{{\"step\": {i}}}' >> /out/metrics.jsonl" for i in (1, 2))
+    train = f"trap 'echo saved > /out/ckpt; exit 143' TERM; {steps}; while true; do sleep 1; done"
+    spec = write_spec(job_folder, ssh_host, image_id, "ssh-stall", train, ["/out/ckpt"])
+    spec.write_text(spec.read_text() + "watchdog: {stall_s: 3, interval_s: 1, grace_s: 10}\n")
+    code, payload, stderr = submit(job_folder, spec)
+    assert code == 1, stderr[-4000:]
+    assert payload["error"].startswith(
+        "the watchdog stopped training: no new training step for 3s (last step 2)"
+    )
+    assert (Path(payload["run_dir"]) / "artifacts" / "ckpt").read_text() == "saved\n"
+    log = (Path(payload["run_dir"]) / "logs" / "watchdog.log").read_text().splitlines()
+    assert [json.loads(line)["action"] for line in log] == ["start", "stop", "done"]  # no power-off here
+    assert not ssh_host.busy()
 
 
 @whole_run
