@@ -5,7 +5,8 @@ not seen off) and no runner process drives its run (the run's lock is free: the 
 killed, or the laptop slept). Its provider is asked how it is; one seen off closes its interval
 in the ledger (at the provider's stop time where it reports one: runner.billing), one still
 running is an orphan, reported with what it costs per hour. The check
-costs one SQL query when nothing is suspect, and asks the providers at most once a minute.
+costs one SQL query when nothing is suspect, and asks the providers at most once a minute about
+the same suspects (a new suspect is asked about at once).
 """
 
 from __future__ import annotations
@@ -51,15 +52,15 @@ def find(store: Store, *, cached: bool = True) -> list[Orphan]:
     if not candidates:
         return []
     stamp = runner_home() / "orphans.json"
+    asked = sorted([i.instance_id, i.started_at] for i in candidates)  # the answer holds for these only
     if cached:
-        with contextlib.suppress(OSError, ValueError, TypeError):
+        with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
             saved = json.loads(stamp.read_text(encoding="utf-8"))
-            if time.time() - saved["checked_at"] < CHECK_EVERY_S:
+            if saved["asked"] == asked and time.time() - saved["checked_at"] < CHECK_EVERY_S:
                 return [Orphan(**item) for item in saved["orphans"]]
     found = [orphan for interval in candidates if (orphan := _ask_provider(store, interval))]
-    private_file(stamp).write_text(
-        json.dumps({"checked_at": time.time(), "orphans": [asdict(o) for o in found]}), encoding="utf-8"
-    )
+    answer = {"checked_at": time.time(), "asked": asked, "orphans": [asdict(o) for o in found]}
+    private_file(stamp).write_text(json.dumps(answer), encoding="utf-8")
     return found
 
 

@@ -7,7 +7,10 @@ from __future__ import annotations
 import argparse
 import ctypes
 import os
+import platform
 import resource
+import shutil
+import subprocess
 import sys
 from contextlib import AbstractContextManager
 from typing import NamedTuple
@@ -70,6 +73,39 @@ def keep_freed_memory() -> None:
         return
     libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)
     libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
+
+
+def environment(device: torch.device) -> dict:
+    """What this process computes with, as the run manifest records it: library versions, and
+    the GPU, its driver and CUDA where there is one (the driver as nvidia-smi reports it)."""
+    import sentencepiece
+
+    found = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "sentencepiece": sentencepiece.__version__,
+        "device": device.type,
+        "cpu_threads": torch.get_num_threads(),
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+    }
+    if device.type == "cuda":
+        found["gpu"] = torch.cuda.get_device_name(device)
+        found["gpu_capability"] = ".".join(map(str, torch.cuda.get_device_capability(device)))
+        found["gpu_count"] = torch.cuda.device_count()
+        found["driver"] = _nvidia_driver()
+    return found
+
+
+def _nvidia_driver() -> str | None:
+    if shutil.which("nvidia-smi") is None:
+        return None
+    query = ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]
+    try:
+        answer = subprocess.run(query, capture_output=True, text=True, timeout=30, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return answer.stdout.splitlines()[0].strip() if answer.stdout.strip() else None
 
 
 def device_arg(name: str) -> torch.device:

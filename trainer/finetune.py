@@ -37,6 +37,7 @@ from trainer.devices import (
     DeviceError,
     Dist,
     autocast,
+    environment,
     init_distributed,
     keep_freed_memory,
     peak_memory_gib,
@@ -270,6 +271,7 @@ def setup(cfg: TrainConfig, dist: Dist, resume_from: str | None, log: Callable[[
     if dist.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+        (out / "environment.json").write_text(json.dumps(environment(dist.device), indent=2) + "\n")
         progress.metrics_lines = truncate_lines(out / METRICS, progress.metrics_lines)
     trained: nn.Module = model
     if dist.world_size > 1:

@@ -312,3 +312,6 @@ def test_pipeline_learns(tmp_path):
     assert keys and all(k.endswith((".lora_a", ".lora_b")) for k in keys)
     assert len(keys) == 2 * 2 * 2  # two layers, q and v, A and B
     assert lora_config["targets"] == ["q", "v"]
+    environment = json.loads((tmp_path / "run1" / "environment.json").read_text())
+    assert environment["torch"] == torch.__version__ and environment["device"] == "cpu"
+    assert environment["python"].count(".") == 2 and "gpu" not in environment  # no GPU here
