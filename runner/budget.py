@@ -3,11 +3,11 @@ while it trains (the watchdog on the host enforces that, see remote_scripts/watc
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 
 from runner.cost import Interval, totals
 from runner.errors import BudgetExceeded
+from runner.files import json_objects
 from runner.spec import JobSpec, Pricing
 
 
@@ -69,15 +69,7 @@ def seconds_left(
 
 def watchdog_decisions(text: str) -> list[dict]:
     """The decisions a watchdog.log holds (one JSON object per line; others are skipped)."""
-    decisions = []
-    for line in text.splitlines():
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(entry, dict):
-            decisions.append(entry)
-    return decisions
+    return json_objects(text)
 
 
 def watchdog_stop(watchdog_log: str) -> dict | None:

@@ -57,6 +57,14 @@ def _errors_handled(command):
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+out_option = click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("runs"),
+    show_default=True,
+    help="Folder that receives runs/<run-id>/.",
+)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -132,14 +140,7 @@ def _report_run(result, as_json: bool) -> None:
 
 @main.command()
 @click.argument("job", type=click.Path(dir_okay=False, path_type=Path))
-@click.option(
-    "--out",
-    "out_dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=Path("runs"),
-    show_default=True,
-    help="Folder that receives runs/<run-id>/.",
-)
+@out_option
 @_driving_options
 @_errors_handled
 def submit(
@@ -171,6 +172,94 @@ def resume(run_ref: str, quiet: bool, verbose: bool, accept_new_host_key: bool, 
 
     reporter = Reporter(quiet=quiet, verbose=verbose)
     _report_run(resume_run(run_ref, reporter, accept_new_host_key=accept_new_host_key), as_json)
+
+
+@main.command()
+@click.argument("run_ref", metavar="RUN")
+@click.option(
+    "--provider",
+    metavar="TYPE|FILE",
+    help="Run it elsewhere: local, emulator, or a YAML file holding a provider mapping.",
+)
+@click.option(
+    "--loss-tolerance",
+    type=click.FloatRange(0),
+    default=0.01,
+    show_default=True,
+    help="Largest difference in loss at a step that still counts as reproduced (GPUs are not bitwise).",
+)
+@out_option
+@_driving_options
+@_errors_handled
+def reproduce(
+    run_ref: str,
+    provider: str | None,
+    loss_tolerance: float,
+    out_dir: Path,
+    quiet: bool,
+    verbose: bool,
+    accept_new_host_key: bool,
+    as_json: bool,
+) -> None:
+    """Run RUN again from its manifest (same image, inputs, commands and seeds), then compare
+    its artifacts byte for byte and its loss curve step by step.
+
+    Example: runner reproduce smoke-20261201-120000-ab12cd --provider emulator
+    """
+    from runner.console import Reporter
+    from runner.pipeline import reproduce as reproduce_run
+    from runner.reproduce import summary
+
+    reporter = Reporter(quiet=quiet, verbose=verbose)
+    result, report = reproduce_run(
+        run_ref,
+        out_dir,
+        reporter,
+        provider=provider,
+        loss_tolerance=loss_tolerance,
+        accept_new_host_key=accept_new_host_key,
+    )
+    if as_json:
+        _emit_json({**result.to_dict(), "reproduction": report})
+    else:
+        _print_result(result)
+        for line in summary(report) if report else ():
+            click.echo(line)
+    sys.exit(result.exit_code)
+
+
+@main.command("diff")
+@click.argument("run_a", metavar="RUN_A")
+@click.argument("run_b", metavar="RUN_B")
+@json_option
+@_errors_handled
+def diff_runs(run_a: str, run_b: str, as_json: bool) -> None:
+    """What differs between two runs: spec fields, image and layers, inputs, trainer
+    configuration, versions, final metrics and artifacts (from their manifests).
+
+    Example: runner diff smoke-20261201-120000-ab12cd smoke-20261202-090000-ef34ab --json
+    """
+    from runner import manifest
+    from runner.diff import differences
+    from runner.errors import NotFound
+    from runner.store import open_store
+
+    with open_store() as store:
+        runs = [store.get_run(run_a), store.get_run(run_b)]
+        manifests = [manifest.read(run, store) for run in runs]
+    for run, recorded in zip(runs, manifests, strict=True):
+        if not recorded:
+            raise NotFound(f"run {run.id} has no manifest (its folder {run.run_dir} was removed?)")
+    found = differences(*manifests)
+    if as_json:
+        _emit_json(
+            {"a": runs[0].id, "b": runs[1].id, "same": not found, "differences": [d.to_dict() for d in found]}
+        )
+        return
+    if not found:
+        click.echo(f"{runs[0].id} and {runs[1].id}: no differences")
+    for difference in found:
+        click.echo(difference.line())
 
 
 @main.command()

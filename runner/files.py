@@ -56,3 +56,25 @@ def write_json_atomic(path: Path, payload: object) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def json_objects(text: str) -> list[dict]:
+    """The JSON objects of a JSON-lines text, one per line; other lines are skipped (a writer
+    killed mid-line leaves a partial last one)."""
+    objects = []
+    for line in text.splitlines():
+        try:
+            value = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(value, dict):
+            objects.append(value)
+    return objects
+
+
+def json_lines(path: Path) -> list[dict]:
+    """json_objects of a file; [] when it cannot be read."""
+    try:
+        return json_objects(path.read_text(encoding="utf-8", errors="replace"))
+    except OSError:
+        return []

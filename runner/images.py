@@ -29,6 +29,7 @@ class ImageInfo:
     id: str
     repo_digests: tuple[str, ...] = ()
     size: int = 0
+    layers: tuple[str, ...] = ()  # the diff IDs of its layers, bottom first
 
     @property
     def pinned(self) -> str:
@@ -128,6 +129,7 @@ def _inspect(client, ref: str) -> ImageInfo:
         id=attrs["Id"],
         repo_digests=tuple(attrs.get("RepoDigests") or ()),
         size=int(attrs.get("Size") or 0),
+        layers=tuple((attrs.get("RootFS") or {}).get("Layers") or ()),
     )
 
 

@@ -26,7 +26,7 @@ from typing import TypeVar
 from infra import instances
 from infra.base import ContainerRun, Guard, Host, Instance, InstanceState, PowerMode, Provider
 from infra.registry import provider_for
-from runner import billing, budget, manifest, pricing, runlock
+from runner import billing, budget, manifest, pricing, provenance, runlock
 from runner.console import Reporter
 from runner.errors import (
     EXIT_OK,
@@ -68,6 +68,8 @@ class RunContext:
     pinned: Pinned | None = None  # set on resume: what the run used before, checked by plan
     phase: str | None = None  # the phase running now
     watchdog_stop: dict | None = None  # the watchdog's decision to stop training (its reason)
+    source: dict | None = None  # the git checkouts of runner and of the job (runner.provenance)
+    reproduces: str | None = None  # the run this one runs again (`runner reproduce`)
 
     def log_sink(
         self, log_name: str, source: str, *, echo: bool = True, fresh: bool = False
@@ -130,9 +132,15 @@ class RunResult:
 
 
 def submit(
-    spec_path: str | Path, out_root: Path, reporter: Reporter, *, accept_new_host_key: bool = False
+    spec_path: str | Path,
+    out_root: Path,
+    reporter: Reporter,
+    *,
+    accept_new_host_key: bool = False,
+    reproduces: str | None = None,
 ) -> RunResult:
-    """Validate the spec, record a new run and drive it through every phase."""
+    """Validate the spec, record a new run and drive it through every phase (reproduces: the
+    run this one runs again, for its manifest)."""
     loaded = load_spec(spec_path)
     provider = provider_for(loaded.spec.provider, accept_new_host_key=accept_new_host_key)
     with open_store() as store:
@@ -152,7 +160,7 @@ def submit(
             store.create_run(run)
             store.add_event(run_id, "run.created", spec=str(loaded.path), provider=provider.type)
             reporter.info(f"run {run_id} -> {run_dir}")
-            ctx = RunContext(store, run, loaded, run_dir, provider, reporter)
+            ctx = RunContext(store, run, loaded, run_dir, provider, reporter, reproduces=reproduces)
             with _signals_interrupt():
                 return _execute(ctx)
 
@@ -187,6 +195,34 @@ def resume(ref: str, reporter: Reporter, *, accept_new_host_key: bool = False) -
             return _execute(ctx, done)
 
 
+def reproduce(
+    ref: str,
+    out_root: Path,
+    reporter: Reporter,
+    *,
+    provider: str | None = None,
+    loss_tolerance: float = 0.0,
+    accept_new_host_key: bool = False,
+) -> tuple[RunResult, dict | None]:
+    """Run a succeeded run again with its image and inputs pinned (runner.reproduce), and
+    compare the two; the comparison is None when the new run did not succeed."""
+    from runner import reproduce as again
+
+    with open_store() as store:
+        original = store.get_run(ref)
+        if original.status != "succeeded":
+            raise BadInput(f"run {original.id} {original.status}; only a succeeded run can be reproduced")
+        spec_path = again.reproduction_spec(original, manifest.read(original, store), provider)
+    reporter.info(f"reproducing {original.id} from {spec_path}")
+    result = submit(
+        spec_path, out_root, reporter, accept_new_host_key=accept_new_host_key, reproduces=original.id
+    )
+    if result.run.status != "succeeded":
+        return result, None
+    with open_store() as store:
+        return result, again.compare(store, original, result.run, loss_tolerance)
+
+
 def _spec_as_run(run: Run) -> LoadedSpec:
     """The run's job spec, refused if it changed since the run began."""
     loaded = load_spec(run.spec_path)
@@ -218,7 +254,7 @@ def _restore(ctx: RunContext, done: frozenset[str]) -> None:
             ctx.instance_id, ctx.instance_created = event.data["id"], bool(event.data["created"])
         elif event.kind == "image.resolved":
             image_id = event.data["id"]
-    recorded = manifest.read(ctx.run)
+    recorded = manifest.read(ctx.run, ctx.store)
     inputs = {item["src"]: item["sha256"] for item in recorded.get("inputs", [])}
     ctx.pinned = Pinned(image_id, inputs)
     if "collect" in done:
@@ -365,6 +401,10 @@ def _plan(ctx: RunContext) -> None:
     """Check the secrets, hash the inputs and pin the image before anything is staged or paid for."""
     spec = ctx.loaded.spec
     _secret_values(tuple({name for part in (*spec.setup, spec.train) for name in part.secrets}))
+    ctx.source = {
+        "runner": provenance.checkout_of(Path(__file__)),
+        "job": provenance.checkout_of(ctx.loaded.path),
+    }
     estimate = budget.check_estimate(spec, pricing.for_job(spec))
     if estimate is not None:
         ctx.reporter.info(f"budget: {estimate}")
@@ -622,25 +662,32 @@ def _collect(ctx: RunContext) -> None:
         ctx.artifacts.append(
             Artifact(path=str(file.path.relative_to(ctx.run_dir)), sha256=file.sha256, bytes=file.bytes)
         )
-    _collect_metrics(ctx, artifacts_dir)
+    _collect_run_files(ctx, artifacts_dir)
     ctx.store.add_event(ctx.run.id, "artifacts.collected", count=len(files))
 
 
-def _collect_metrics(ctx: RunContext, artifacts_dir: Path) -> None:
-    """Copy the trainer's metrics to runs/<id>/metrics.jsonl, declared as an output or not
-    (fetched from the host only when collect did not already bring it)."""
-    collected = artifacts_dir / posixpath.relpath(ctx.loaded.spec.train.metrics, "/out")
-    if collected.is_file():
-        shutil.copyfile(collected, ctx.run_dir / "metrics.jsonl")
-        return
-    scratch = ctx.run_dir / ".metrics"
-    try:
-        (fetched,) = ctx.host.fetch_outputs((ctx.loaded.spec.train.metrics,), scratch)
-        fetched.path.replace(ctx.run_dir / "metrics.jsonl")
-    except RunFailed as exc:
-        ctx.reporter.warn(f"no metrics collected: {exc.message}")
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+def _collect_run_files(ctx: RunContext, artifacts_dir: Path) -> None:
+    """Copy the trainer's metrics, and the configuration and environment it writes next to them
+    (trainer/finetune.py), to the run folder, declared as outputs or not (fetched from the host
+    only when collect did not already bring them). Only missing metrics are worth a warning:
+    a job that runs no finetune writes no configuration."""
+    metrics = ctx.loaded.spec.train.metrics
+    wanted = [(metrics, "metrics.jsonl")]
+    wanted += [(posixpath.join(posixpath.dirname(metrics), n), n) for n in manifest.TRAINER_FILES.values()]
+    scratch = ctx.run_dir / ".collect"
+    for remote, name in wanted:
+        collected = artifacts_dir / posixpath.relpath(remote, "/out")
+        try:
+            if collected.is_file():
+                shutil.copyfile(collected, ctx.run_dir / name)
+                continue
+            (fetched,) = ctx.host.fetch_outputs((remote,), scratch)
+            fetched.path.replace(ctx.run_dir / name)
+        except RunFailed as exc:
+            if name == "metrics.jsonl":
+                ctx.reporter.warn(f"no metrics collected: {exc.message}")
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _teardown(ctx: RunContext) -> None:

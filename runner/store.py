@@ -109,10 +109,25 @@ def _m003_ledger(db: sqlite3.Connection) -> None:
     )
 
 
+def _m004_manifests(db: sqlite3.Connection) -> None:
+    """Each run's manifest (runner.manifest), so it outlives a deleted run folder."""
+    _execute_all(
+        db,
+        """
+        CREATE TABLE manifests (
+            run_id TEXT PRIMARY KEY REFERENCES runs(id),
+            body TEXT NOT NULL,
+            written_at REAL NOT NULL
+        );
+        """,
+    )
+
+
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
     _m001_runs_phases_events,
     _m002_host_keys,
     _m003_ledger,
+    _m004_manifests,
 ]
 
 
@@ -397,6 +412,21 @@ class Store:
                 "SELECT * FROM ledger WHERE run_id = ? ORDER BY started_at, id", (run_id,)
             )
         return [_interval(row) for row in rows]
+
+    # -- manifests --------------------------------------------------------------
+
+    def put_manifest(self, run_id: str, manifest: dict) -> None:
+        with self._transaction():
+            self._db.execute(
+                "INSERT INTO manifests (run_id, body, written_at) VALUES (?, ?, ?)"
+                " ON CONFLICT(run_id) DO UPDATE SET body = excluded.body, written_at = excluded.written_at",
+                (run_id, json.dumps(manifest, sort_keys=True), time.time()),
+            )
+
+    def manifest(self, run_id: str) -> dict | None:
+        """The run's manifest as last written, or None."""
+        row = self._db.execute("SELECT body FROM manifests WHERE run_id = ?", (run_id,)).fetchone()
+        return None if row is None else json.loads(row["body"])
 
     # -- host keys --------------------------------------------------------------
 

@@ -240,8 +240,10 @@ def test_secrets_reach_the_container_and_nothing_records_them(image_id, tmp_path
     assert proc.returncode == 0, proc.stderr
     run_dir = Path(json.loads(proc.stdout)["run_dir"])
     assert (run_dir / "artifacts" / "seen").read_text() == token
-    recorded = [run_dir / "manifest.json", run_dir / "artifacts" / "spec.json", *home.rglob("state.db*")]
-    assert all(token.encode() not in path.read_bytes() for path in recorded)
+    recorded = [p for p in run_dir.rglob("*") if p.is_file() and p.name != "seen"]  # logs, manifest, ...
+    recorded += list(home.rglob("state.db*"))  # the store, its manifests table included
+    assert run_dir / "manifest.json" in recorded and run_dir / "logs" / "train.log" in recorded
+    assert [path for path in recorded if token.encode() in path.read_bytes()] == []
     assert token not in proc.stdout + proc.stderr
 
     missing = run_cli(home, "submit", str(spec), "--json", "--out", str(tmp_path / "runs"))
