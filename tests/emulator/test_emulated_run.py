@@ -16,17 +16,24 @@ from runner.store import Store
 from tests.emulator.cloud import REPO, admin, intervals, phase_times, runner, submit, tiny_job, within
 
 
-@pytest.mark.integration
-@pytest.mark.e2e
-def test_smoke_job_stages_without_the_gpu_trains_with_it_and_ends_off(cloud, tmp_path):
+@pytest.fixture(scope="module")
+def emulated_smoke(cloud, tmp_path_factory):
+    """One run of jobs/smoke-emulated.yaml (built from this checkout): its `submit --json` payload."""
     text = (REPO / "jobs" / "smoke-emulated.yaml").read_text(encoding="utf-8")
-    spec = tmp_path / "smoke-emulated.yaml"
+    spec = tmp_path_factory.mktemp("smoke-emulated") / "smoke-emulated.yaml"
     spec.write_text(text.replace("context: ..", f"context: {REPO}"), encoding="utf-8")
     try:
         code, payload, stderr = submit(cloud, spec)
+        assert code == 0, stderr[-4000:]
+        yield payload
     finally:
         subprocess.run(["docker", "rmi", "runner/smoke-emulated:latest"], capture_output=True, timeout=120)
-    assert code == 0, stderr[-4000:]
+
+
+@pytest.mark.integration
+@pytest.mark.e2e
+def test_smoke_job_stages_without_the_gpu_trains_with_it_and_ends_off(cloud, emulated_smoke):
+    payload = emulated_smoke
     run_dir = Path(payload["run_dir"])
     for artifact in payload["artifacts"]:
         assert hashlib.sha256((run_dir / artifact["path"]).read_bytes()).hexdigest() == artifact["sha256"]
@@ -52,6 +59,25 @@ def test_smoke_job_stages_without_the_gpu_trains_with_it_and_ends_off(cloud, tmp
             }
         )
     )
+
+
+@pytest.mark.integration
+@pytest.mark.e2e
+def test_the_emulated_smoke_run_reproduces_bitwise_on_a_new_instance(cloud, emulated_smoke, tmp_path):
+    original = emulated_smoke["run_id"]
+    again = runner(cloud, "reproduce", original, "--json", "--out", str(tmp_path / "runs"), timeout=900)
+    assert again.returncode == 0, again.stderr[-4000:]
+    payload = json.loads(again.stdout)
+    report = payload["reproduction"]
+    assert {"artifacts/lora.safetensors", "artifacts/adapter_model.safetensors"} <= set(report["identical"])
+    assert report["loss"]["max_abs_diff"] == 0.0 and report["loss"]["within"]
+    assert (
+        len(
+            {i["instance_uuid"] for i in intervals(cloud, payload["run_id"])}
+            | {i["instance_uuid"] for i in intervals(cloud, original)}
+        )
+        == 2
+    )  # each run made its own instance: the image travelled again and gave the same bits
 
 
 @pytest.mark.integration
