@@ -8,6 +8,7 @@ functions pick the step up from there, in any later session.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -40,6 +41,34 @@ def local_logs(run: Run) -> list[Path]:
     setup = sorted(folder.glob("setup-*.log"))
     train = [folder / "train.log"] if (folder / "train.log").is_file() else []
     return setup + train
+
+
+def tail_local(
+    run_id: str,
+    write: Callable[[bytes], None],
+    shown: dict[Path, int],
+    announce: Callable[[Path], None],
+    poll_s: float = 0.5,
+) -> Run:
+    """Stream what the runner process driving the run (a detached submit, another terminal)
+    adds to its step logs, past what shown says was printed of each, until that process ends;
+    announce(path) is called before a log's first bytes. The run as it then stands."""
+    from runner import runlock
+
+    while True:
+        driven = runlock.holder(run_id) is not None
+        for path in local_logs(find_run(run_id)):
+            start, size = shown.get(path, 0), path.stat().st_size
+            if size > start:
+                if path not in shown:
+                    announce(path)
+                with path.open("rb") as log:
+                    log.seek(start)
+                    write(log.read(size - start))
+                shown[path] = size
+        if not driven:
+            return find_run(run_id)
+        time.sleep(poll_s)
 
 
 def find_run(ref: str) -> Run:

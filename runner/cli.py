@@ -141,17 +141,47 @@ def _report_run(result, as_json: bool) -> None:
 @main.command()
 @click.argument("job", type=click.Path(dir_okay=False, path_type=Path))
 @out_option
+@click.option("--detach", is_flag=True, help="Return at once; a background runner process drives the run.")
+@click.option("--run-id", hidden=True, help="The run's ID, chosen by a detaching submit.")
 @_driving_options
 @_errors_handled
 def submit(
-    job: Path, out_dir: Path, quiet: bool, verbose: bool, accept_new_host_key: bool, as_json: bool
+    job: Path,
+    out_dir: Path,
+    detach: bool,
+    run_id: str | None,
+    quiet: bool,
+    verbose: bool,
+    accept_new_host_key: bool,
+    as_json: bool,
 ) -> None:
-    """Run JOB end to end: plan, stage, train, collect, tear down."""
+    """Run JOB end to end: plan, stage, train, collect, tear down.
+
+    Example: runner submit jobs/smoke.yaml --detach && runner logs smoke-2026 -f
+    """
     from runner.console import Reporter
+    from runner.pipeline import new_run_id
     from runner.pipeline import submit as submit_job
 
+    if detach:
+        from runner import detach as background
+
+        started = background.start(
+            job, out_dir, accept_new_host_key=accept_new_host_key, run_id_for=new_run_id
+        )
+        if as_json:
+            _emit_json(started)
+        else:
+            run = started["run_id"]
+            click.echo(
+                f"run {run} goes on in the background (pid {started['pid']}, log {started['log']}):"
+                f" `runner logs {run} -f` follows it, `runner status {run}` shows it",
+                err=True,
+            )
+        return
     reporter = Reporter(quiet=quiet, verbose=verbose)
-    _report_run(submit_job(job, out_dir, reporter, accept_new_host_key=accept_new_host_key), as_json)
+    result = submit_job(job, out_dir, reporter, accept_new_host_key=accept_new_host_key, run_id=run_id)
+    _report_run(result, as_json)
 
 
 @main.command()
@@ -228,6 +258,41 @@ def reproduce(
     sys.exit(result.exit_code)
 
 
+@main.command()
+@click.argument("run_refs", metavar="RUN...", nargs=-1, required=True)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The PNG to write (default: the run's loss.png, or ./loss-comparison.png for several).",
+)
+@_errors_handled
+def plot(run_refs: tuple[str, ...], output: Path | None) -> None:
+    """Draw the loss curves of one run, or of several on one chart (with a CSV of one run's).
+
+    Example: runner plot smoke-20261201-120000-ab12cd smoke-20261202-090000-ef34ab
+    """
+    from runner import manifest
+    from runner import plot as charts
+    from runner.errors import NotFound
+    from runner.store import open_store
+
+    with open_store() as store:
+        runs = [store.get_run(ref) for ref in run_refs]
+        recorded = [manifest.read(run, store) for run in runs]
+    curves = [charts.read_curves(Path(run.run_dir) / "metrics.jsonl", run.id) for run in runs]
+    for run, found in zip(runs, curves, strict=True):
+        if found.empty:
+            raise NotFound(f"run {run.id} has no losses in {Path(run.run_dir) / 'metrics.jsonl'}")
+    if len(runs) == 1 and output is None:
+        path = charts.chart_run(Path(runs[0].run_dir), recorded[0])
+    else:
+        path = output or Path("loss-comparison.png")
+        title = charts.run_title(recorded[0], None) if len(runs) == 1 else f"{len(runs)} runs"
+        charts.draw(curves, title, path)
+    click.echo(str(path))
+
+
 @main.command("diff")
 @click.argument("run_a", metavar="RUN_A")
 @click.argument("run_b", metavar="RUN_B")
@@ -279,6 +344,7 @@ def status(run_ref: str, as_json: bool) -> None:
         _emit_json({**result.to_dict(), "left_running": left and left.to_dict(), "driven_by_pid": driver})
         return
     _print_result(result)
+    _print_loss_line(Path(result.run.run_dir) / "metrics.jsonl")
     if result.run.status == "running" and driver is None:
         click.echo(f"  no runner process drives this run any more: `runner resume {result.run.id}`")
     if left is not None:
@@ -286,29 +352,55 @@ def status(run_ref: str, as_json: bool) -> None:
         click.echo(f"  {left.name} left running on {left.host}: now {left.state}{code}")
 
 
+def _print_loss_line(metrics: Path) -> None:
+    """The training loss as a sparkline, first and last value (when the run has metrics)."""
+    from runner.plot import read_curves, sparkline
+
+    loss = read_curves(metrics, "").loss
+    if loss:
+        values = [loss[step] for step in sorted(loss)]
+        click.echo(f"  loss  {sparkline(values)}  {values[0]:.4g} -> {values[-1]:.4g} ({len(values)} steps)")
+
+
 @main.command()
 @click.argument("run_ref", metavar="RUN")
-@click.option("-f", "--follow", is_flag=True, help="Reattach to a step left running on its host.")
+@click.option("-f", "--follow", is_flag=True, help="Follow the run, or a step it left running on its host.")
 @_errors_handled
 def logs(run_ref: str, follow: bool) -> None:
-    """Print a run's step logs; with -f, stream a step left running remotely until it ends."""
-    from runner import attach
+    """Print a run's step logs. With -f, follow the run: while a runner process drives it (a
+    detached submit, another terminal), until that process ends; else a step left running on
+    its host, until the step ends.
+
+    Example: runner logs smoke-2026 -f
+    """
+    from runner import attach, runlock
 
     run = attach.find_run(run_ref)
     files = attach.local_logs(run)
+    shown: dict[Path, int] = {}
     for path in files:
         if len(files) > 1:
-            click.echo(f"==> {path.name} <==", err=True)
-        sys.stdout.buffer.write(path.read_bytes())
+            _announce_log(path)
+        data = path.read_bytes()
+        sys.stdout.buffer.write(data)
+        shown[path] = len(data)
     sys.stdout.flush()
     if not follow:
         return
+    if runlock.holder(run.id) is not None:
+        final = attach.tail_local(run.id, _write_through, shown, _announce_log)
+        click.echo(f"run {final.id} {final.status}" + (f": {final.error}" if final.error else ""), err=True)
+        sys.exit(0 if final.status == "succeeded" else 1)
     ended = attach.follow(run.id, _write_through)
     if ended is None:
         click.echo(f"run {run.id} has no step left running on a host", err=True)
         return
     click.echo(f"{ended.name} on {ended.host} exited with code {ended.exit_code}", err=True)
     sys.exit(0 if ended.exit_code == 0 else 1)
+
+
+def _announce_log(path: Path) -> None:
+    click.echo(f"==> {path.name} <==", err=True)
 
 
 def _write_through(chunk: bytes) -> None:

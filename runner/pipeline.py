@@ -138,13 +138,14 @@ def submit(
     *,
     accept_new_host_key: bool = False,
     reproduces: str | None = None,
+    run_id: str | None = None,
 ) -> RunResult:
     """Validate the spec, record a new run and drive it through every phase (reproduces: the
-    run this one runs again, for its manifest)."""
+    run this one runs again, for its manifest; run_id: the ID `submit --detach` chose)."""
     loaded = load_spec(spec_path)
     provider = provider_for(loaded.spec.provider, accept_new_host_key=accept_new_host_key)
     with open_store() as store:
-        run_id = _new_run_id(loaded.spec.name)
+        run_id = run_id or new_run_id(loaded.spec.name)
         with runlock.hold(run_id):
             run_dir = _make_run_dir(out_root, run_id)
             run = Run(
@@ -291,6 +292,7 @@ def _execute(ctx: RunContext, done: frozenset[str] = frozenset()) -> RunResult:
             write_json_atomic(ctx.run_dir / "cost.json", report)
             for line in billing.summary_lines(report):
                 ctx.reporter.info(line)
+        _chart(ctx, run)
     ctx.reporter.phase("run", status, error or "")
     if ctx.instance_id is None and any(event.kind == "step.detached" for event in store.events(run.id)):
         ctx.reporter.info(
@@ -311,6 +313,20 @@ def _run_phases(ctx: RunContext, done: frozenset[str]) -> None:
     if stop is not None:  # training was cut short: the run fails, with what it wrote brought home
         text = f"the watchdog stopped training: {stop.get('reason')}; what it wrote until then was collected"
         raise BudgetExceeded(text) if stop.get("budget") else RunFailed(text)
+
+
+def _chart(ctx: RunContext, run: Run) -> None:
+    """runs/<id>/loss.png and loss.csv, when the run wrote losses; a chart that cannot be drawn
+    is worth a warning, never a failed run."""
+    from runner import plot
+
+    try:
+        chart = plot.chart_run(ctx.run_dir, manifest.read(run, ctx.store))
+    except (OSError, ValueError, ImportError) as exc:
+        ctx.reporter.warn(f"no loss chart: {type(exc).__name__}: {exc}")
+        return
+    if chart is not None:
+        ctx.reporter.info(f"loss chart: {chart}")
 
 
 def _internal(exc: BaseException) -> str:
@@ -786,7 +802,7 @@ PHASE_STEPS: dict[str, Callable[[RunContext], None]] = {
 }
 
 
-def _new_run_id(job_name: str) -> str:
+def new_run_id(job_name: str) -> str:
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     return f"{job_name}-{stamp}-{secrets.token_hex(3)}"
 

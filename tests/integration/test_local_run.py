@@ -250,3 +250,26 @@ def test_secrets_reach_the_container_and_nothing_records_them(image_id, tmp_path
     assert missing.code == 2
     assert missing.json["error"] == "secrets not set in the environment: HF_TOKEN"
     assert [p["name"] for p in missing.json["phases"]] == ["plan", "teardown"]
+
+
+def test_the_run_leaves_a_loss_chart_whose_csv_matches_its_metrics(smoke_run, tmp_path):
+    import csv
+    import struct
+
+    run_dir = Path(smoke_run["payload"]["run_dir"])
+    png = (run_dir / "loss.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", png[16:24]) == (800, 450)
+    rows = list(csv.DictReader((run_dir / "loss.csv").open(encoding="utf-8")))
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert {int(r["step"]): float(r["loss"]) for r in rows if r["loss"]} == {
+        m["step"]: m["loss"] for m in metrics if "loss" in m
+    }
+    assert {int(r["step"]) for r in rows if r["val_loss"]} == {m["step"] for m in metrics if "val_loss" in m}
+
+    run_id = smoke_run["payload"]["run_id"]
+    shown = run_cli(smoke_run["home"], "status", run_id)
+    (line,) = [line for line in shown.stdout.splitlines() if line.strip().startswith("loss ")]
+    assert "(60 steps)" in line
+    both = run_cli(smoke_run["home"], "plot", run_id, run_id, "-o", str(tmp_path / "two.png"))
+    assert both.code == 0 and both.stdout.strip() == str(tmp_path / "two.png")
+    assert (tmp_path / "two.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
