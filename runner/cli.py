@@ -293,6 +293,30 @@ def plot(run_refs: tuple[str, ...], output: Path | None) -> None:
     click.echo(str(path))
 
 
+@main.command()
+@click.argument("job", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@json_option
+@_errors_handled
+def doctor(job: Path | None, as_json: bool) -> None:
+    """Check this machine (Docker engine, state folder, config, disk) and, given JOB, the job
+    (spec, inputs, secrets, image, SSH key, provider credentials); say what to fix. Exit 2 when
+    a check failed. Credentials are reported as set or not, never shown.
+
+    Example: runner doctor jobs/llama7b-lora-zh.yaml
+    """
+    from runner.doctor import run_checks
+
+    checks = run_checks(job, Path("runs"))
+    failed = [check for check in checks if check.status == "fail"]
+    if as_json:
+        _emit_json({"ok": not failed, "checks": [check.to_dict() for check in checks]})
+    else:
+        for check in checks:
+            click.echo(check.line())
+        click.echo(f"{len(failed)} problem(s) to fix" if failed else "all checks passed", err=True)
+    sys.exit(2 if failed else 0)
+
+
 @main.command("diff")
 @click.argument("run_a", metavar="RUN_A")
 @click.argument("run_b", metavar="RUN_B")
