@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from infra.instances import BootPolicy
 
 OutputSink = Callable[[str], None]
+TransferProgress = Callable[[str, int, int], None]  # (what, bytes done, bytes total) of one transfer
 
 
 class Lines:
@@ -99,10 +100,10 @@ class Workspace:
 class Host(Protocol):
     """Where one run's containers execute."""
 
-    def ensure_image(self, image_id: str) -> None:
+    def ensure_image(self, image_id: str, progress: TransferProgress | None = None) -> None:
         """Make the image available to this host, or raise ProviderFailure."""
 
-    def put_input(self, src: Path, dest: str) -> str:
+    def put_input(self, src: Path, dest: str, progress: TransferProgress | None = None) -> str:
         """Place a local file at /data/<dest> (dest already validated as relative and inside);
         return the sha256 of what was placed, so a file changed since planning is caught."""
 
@@ -115,7 +116,9 @@ class Host(Protocol):
     def step_ended(self, name: str) -> bool:
         """Whether the step named was started (by any session) and has ended."""
 
-    def fetch_outputs(self, outputs: tuple[str, ...], dest: Path) -> list[FetchedFile]:
+    def fetch_outputs(
+        self, outputs: tuple[str, ...], dest: Path, progress: TransferProgress | None = None
+    ) -> list[FetchedFile]:
         """Copy the given /out paths (files or folders) under dest; return the local files with
         the sha256 of what was written (so nobody has to read them again).
 

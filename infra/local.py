@@ -11,7 +11,16 @@ import os
 import shutil
 from pathlib import Path
 
-from infra.base import Capabilities, ContainerRun, FetchedFile, Instance, Lines, OutputSink, Workspace
+from infra.base import (
+    Capabilities,
+    ContainerRun,
+    FetchedFile,
+    Instance,
+    Lines,
+    OutputSink,
+    TransferProgress,
+    Workspace,
+)
 from runner.errors import ProviderFailure, RunFailed
 from runner.home import private_dir, runner_home
 from runner.images import docker_client, engine_errors
@@ -41,7 +50,8 @@ class LocalHost:
         self.workspace = workspace
         self._client = docker_client()
 
-    def ensure_image(self, image_id: str) -> None:
+    def ensure_image(self, image_id: str, progress: TransferProgress | None = None) -> None:
+        """The image is in this engine already: only checked (nothing to transfer)."""
         from docker.errors import ImageNotFound
 
         try:
@@ -50,7 +60,7 @@ class LocalHost:
         except ImageNotFound:
             raise ProviderFailure(f"image {image_id} vanished from the local engine") from None
 
-    def put_input(self, src: Path, dest: str) -> str:
+    def put_input(self, src: Path, dest: str, progress: TransferProgress | None = None) -> str:
         from runner.files import copy_hashed
 
         target = self.workspace.data / dest
@@ -113,7 +123,9 @@ class LocalHost:
                 detach=True,
             )
 
-    def fetch_outputs(self, outputs: tuple[str, ...], dest: Path) -> list[FetchedFile]:
+    def fetch_outputs(
+        self, outputs: tuple[str, ...], dest: Path, progress: TransferProgress | None = None
+    ) -> list[FetchedFile]:
         from runner.files import copy_hashed
 
         out_root = self.workspace.out.resolve()

@@ -21,7 +21,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from infra.base import Capabilities, ContainerRun, FetchedFile, Guard, Instance, Lines, OutputSink
+from infra.base import (
+    Capabilities,
+    ContainerRun,
+    FetchedFile,
+    Guard,
+    Instance,
+    Lines,
+    OutputSink,
+    TransferProgress,
+)
 from runner.errors import BadInput, ProviderFailure, RunFailed
 from runner.remote import Endpoint, RemoteHost, check_remote_path
 
@@ -207,15 +216,15 @@ class SshHost:
         if result.exit_code != 0:
             raise ProviderFailure(f"cannot create {self.run_dir} on {self._where()}: {result.stderr.strip()}")
 
-    def ensure_image(self, image_id: str) -> None:
+    def ensure_image(self, image_id: str, progress: TransferProgress | None = None) -> None:
         """Read the image's layers from the local engine; the runtime sends what the host lacks."""
         from runner.layers import image_layers
 
-        report = self.runtime.prepare_image(image_layers(image_id))
+        report = self.runtime.prepare_image(image_layers(image_id), progress)
         self._store.add_event(self.run_id, "image.synced", runtime=self.runtime.name, **report.to_dict())
 
-    def put_input(self, src: Path, dest: str) -> str:
-        return self.remote.put(src, f"{self.run_dir}/data/{dest}").sha256
+    def put_input(self, src: Path, dest: str, progress: TransferProgress | None = None) -> str:
+        return self.remote.put(src, f"{self.run_dir}/data/{dest}", _one(progress, f"input {dest}")).sha256
 
     def put_job_file(self, name: str, content: bytes) -> None:
         with tempfile.TemporaryDirectory() as folder:
@@ -343,7 +352,9 @@ class SshHost:
         on_output(f"runner: reattached to {name}, started by an earlier runner process; its log so far:")
         return handle
 
-    def fetch_outputs(self, outputs: tuple[str, ...], dest: Path) -> list[FetchedFile]:
+    def fetch_outputs(
+        self, outputs: tuple[str, ...], dest: Path, progress: TransferProgress | None = None
+    ) -> list[FetchedFile]:
         """List the outputs on the host (manifest with sha256), check every path, download each
         file and verify it against the manifest."""
         listing = self._outputs_manifest(outputs)
@@ -361,7 +372,8 @@ class SshHost:
         fetched: list[FetchedFile] = []
         for entry in files:
             target = dest / entry["path"]
-            transfer = self.remote.get(f"{self.run_dir}/out/{entry['path']}", target)
+            source = f"{self.run_dir}/out/{entry['path']}"
+            transfer = self.remote.get(source, target, _one(progress, f"output {entry['path']}"))
             if transfer.sha256 != entry["sha256"] or transfer.size != entry["bytes"]:
                 target.unlink(missing_ok=True)
                 raise RunFailed(f"output {entry['path']} changed on {self._where()} after it was listed")
@@ -409,6 +421,11 @@ class SshHost:
 
     def _where(self) -> str:
         return self.remote.endpoint.address
+
+
+def _one(progress: TransferProgress | None, what: str):
+    """A (done, total) callback for RemoteHost.put/get that reports to progress as `what`."""
+    return None if progress is None else (lambda done, total: progress(what, done, total))
 
 
 def _step_name(name: str) -> str:

@@ -82,6 +82,12 @@ def run_report(store: Store, run_id: str) -> dict:
     return report
 
 
+def so_far(store: Store, run_id: str) -> str:
+    """What the run has cost until now, per currency (empty when nothing was billed)."""
+    spent = cost.totals(store.ledger(run_id), time.time())
+    return ", ".join(f"{total.total:.4f} {total.currency} so far" for total in spent)
+
+
 def summary_lines(report: dict) -> list[str]:
     """One line per currency: the total and each mode's seconds and cost."""
     lines = []

@@ -653,15 +653,20 @@ def image_sync(
     Docker engine, or unpacked for proot on a host without Docker, and its ID is checked
     against the local one. Prints bytes sent and skipped, and seconds.
     """
-    from runner.image_sync import LayerProgress, Options, plan, sync_image
+    from runner.image_sync import Options, plan, sync_image
+    from runner.progress import Progress
     from runner.store import open_store
 
     options = Options(host, key, password_env, data_dir, runtime, accept_new_host_key)
     image_id, target = plan(ref, options, lambda text: click.echo(text, err=True))
+    progress = Progress(sys.stderr, bars=sys.stderr.isatty())
     with open_store() as store:
-        result = sync_image(
-            image_id, target, store, accept_new_host_key=accept_new_host_key, progress=LayerProgress()
-        )
+        try:
+            result = sync_image(
+                image_id, target, store, accept_new_host_key=accept_new_host_key, progress=progress
+            )
+        finally:
+            progress.close()
     if as_json:
         _emit_json(result.to_dict())
     else:

@@ -11,22 +11,20 @@ and then it checks, on the host, that the image there has the laptop's image ID.
 from __future__ import annotations
 
 import re
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TextIO
 
 from runner.errors import BadInput, NotFound
 from runner.layers import SyncReport
+from runner.progress import Progress
 from runner.remote import Endpoint, RemoteHost
 from runner.steps import absolute_folder
 from runner.store import Store
 
 DEFAULT_DATA_DIR = "/root/runner-data"  # as runner.spec.SshProvider
 SPEC_SUFFIXES = (".yaml", ".yml")
-PROGRESS_EVERY_S = 2.0
 # the same rules as runner.spec's HostName and UserName
 _HOST = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.:-]{0,252}[A-Za-z0-9])?")
 _USER = re.compile(r"[a-z_][a-z0-9_.-]{0,31}")
@@ -168,7 +166,7 @@ def sync_image(
     store: Store,
     *,
     accept_new_host_key: bool = False,
-    progress: LayerProgress | None = None,
+    progress: Progress | None = None,
 ) -> SyncResult:
     """Send what the host lacks of the image, load or unpack it there, and verify its ID.
 
@@ -186,32 +184,3 @@ def sync_image(
         report = runtime.prepare_image(layers, progress)  # checks the image ID on the host
     report = replace(report, seconds=round(time.monotonic() - started, 3))
     return SyncResult(report, runtime.name, target.host)
-
-
-class LayerProgress:
-    """Per-layer upload progress as plain lines on a terminal, at most one per layer every
-    PROGRESS_EVERY_S seconds (and one when a layer is done); silent when not a terminal."""
-
-    def __init__(self, stream: TextIO | None = None) -> None:
-        self.stream = stream or sys.stderr
-        self.enabled = self.stream.isatty()
-        self._last: dict[str, float] = {}
-
-    def note(self, text: str) -> None:
-        if self.enabled:
-            print(text, file=self.stream, flush=True)
-
-    def __call__(self, diff_id: str, done: int, total: int) -> None:
-        if not self.enabled:
-            return
-        now = time.monotonic()
-        if done < total and now - self._last.get(diff_id, 0.0) < PROGRESS_EVERY_S:
-            return
-        self._last[diff_id] = now
-        short = diff_id.removeprefix("sha256:")[:12]
-        percent = 100 * done / total if total else 100
-        print(
-            f"  layer {short}: {done / 1e6:.1f}/{total / 1e6:.1f} MB ({percent:.0f}%)",
-            file=self.stream,
-            flush=True,
-        )

@@ -293,6 +293,7 @@ def _execute(ctx: RunContext, done: frozenset[str] = frozenset()) -> RunResult:
             for line in billing.summary_lines(report):
                 ctx.reporter.info(line)
         _chart(ctx, run)
+    ctx.reporter.close()
     ctx.reporter.phase("run", status, error or "")
     if ctx.instance_id is None and any(event.kind == "step.detached" for event in store.events(run.id)):
         ctx.reporter.info(
@@ -486,7 +487,7 @@ def _open_host(ctx: RunContext, mode: PowerMode | None, *, with_image: bool) -> 
         instance = _boot(ctx, mode or _running_mode(ctx) or _setup_mode(ctx))
     ctx.host = ctx.provider.open_host(ctx.run.id, instance)
     if with_image:
-        ctx.host.ensure_image(ctx.image.image.id)
+        ctx.host.ensure_image(ctx.image.image.id, ctx.reporter.progress)
     return ctx.host
 
 
@@ -531,12 +532,12 @@ def _stage(ctx: RunContext) -> None:
     """Ship the image, inputs and job files to the host (opened here unless provision did), then
     run the setup steps."""
     _open_host(ctx, _setup_mode(ctx), with_image=False)
-    ctx.host.ensure_image(ctx.image.image.id)
+    ctx.host.ensure_image(ctx.image.image.id, ctx.reporter.progress)
     ctx.host.put_job_file("job.yaml", ctx.loaded.text.encode("utf-8"))
     resolved = ctx.loaded.spec.model_dump(mode="json")
     ctx.host.put_job_file("spec.json", json.dumps(resolved, indent=2, ensure_ascii=False).encode("utf-8"))
     for item in ctx.inputs:
-        placed = ctx.host.put_input(Path(item.src), item.dest)
+        placed = ctx.host.put_input(Path(item.src), item.dest, ctx.reporter.progress)
         if placed != item.sha256:
             raise BadInput(f"input {item.src} changed since it was hashed (sha256 now {placed}); rerun")
     for index, step in enumerate(ctx.loaded.spec.setup, start=1):
@@ -585,6 +586,7 @@ def _train(ctx: RunContext) -> None:
             max_run_s=_budget_left_s(ctx),
         ),
     )
+    ctx.reporter.progress.cost_so_far = lambda: billing.so_far(ctx.store, ctx.run.id)
     try:
         _surviving_power_off(ctx, lambda: _run_container(ctx, request, "train.log"))
     except RunFailed:
@@ -673,7 +675,9 @@ def _collect(ctx: RunContext) -> None:
         _drop_host(ctx)
         _power_off(ctx)
     _open_host(ctx, _setup_mode(ctx), with_image=False)
-    files = _surviving_power_off(ctx, lambda: ctx.host.fetch_outputs(spec.outputs, artifacts_dir))
+    files = _surviving_power_off(
+        ctx, lambda: ctx.host.fetch_outputs(spec.outputs, artifacts_dir, ctx.reporter.progress)
+    )
     for file in files:
         ctx.artifacts.append(
             Artifact(path=str(file.path.relative_to(ctx.run_dir)), sha256=file.sha256, bytes=file.bytes)
