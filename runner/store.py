@@ -123,6 +123,8 @@ def _m004_manifests(db: sqlite3.Connection) -> None:
     )
 
 
+LAST_RUN = "@last"  # a run reference meaning the newest run
+
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
     _m001_runs_phases_events,
     _m002_host_keys,
@@ -274,7 +276,12 @@ class Store:
             )
 
     def get_run(self, ref: str) -> Run:
-        """Find a run by its id or a unique prefix of it."""
+        """Find a run by its id, a unique prefix of it, or LAST_RUN (the newest run)."""
+        if ref == LAST_RUN:
+            newest = self.list_runs(1)
+            if not newest:
+                raise NotFound("there are no runs yet (see `runner submit`)")
+            return newest[0]
         rows = self._db.execute(
             "SELECT * FROM runs WHERE id = ? OR id LIKE ? ESCAPE '\\' ORDER BY id LIMIT 3",
             (ref, _like_prefix(ref)),

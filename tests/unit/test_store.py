@@ -102,6 +102,12 @@ def test_runs_are_found_by_unique_prefix(tmp_path):
         # '_' and '%' are literal characters in ids, not SQL wildcards
         with pytest.raises(NotFound):
             store.get_run("other%")
+        assert store.get_run("@last").id == "other_1"  # the newest run
+
+
+def test_the_last_run_of_an_empty_store_is_not_found(tmp_path):
+    with Store(tmp_path) as store, pytest.raises(NotFound, match="there are no runs yet"):
+        store.get_run("@last")
 
 
 def test_unknown_run_cannot_get_phases(tmp_path):
