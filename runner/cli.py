@@ -102,7 +102,10 @@ def _warn_about_orphans() -> None:
 @json_option
 @_errors_handled
 def validate(job: Path, as_json: bool) -> None:
-    """Check a job spec without running anything (exit 2 when it is invalid)."""
+    """Check a job spec without running anything (exit 2 when it is invalid).
+
+    Example: runner validate jobs/smoke.yaml
+    """
     from runner.spec import load_spec
 
     loaded = load_spec(job)
@@ -356,7 +359,10 @@ def diff_runs(run_a: str, run_b: str, as_json: bool) -> None:
 @json_option
 @_errors_handled
 def status(run_ref: str, as_json: bool) -> None:
-    """Show one run (by id or unique id prefix): its phases and artifacts."""
+    """Show one run (by id, unique id prefix, or @last): its phases, artifacts and loss.
+
+    Example: runner status @last --json
+    """
     from runner.attach import remote_state
     from runner.pipeline import run_status
     from runner.runlock import holder
@@ -436,7 +442,10 @@ def _write_through(chunk: bytes) -> None:
 @click.argument("run_ref", metavar="RUN")
 @_errors_handled
 def stop(run_ref: str) -> None:
-    """Stop the step a run left running on its host (SIGTERM, then SIGKILL after 30 s)."""
+    """Stop the step a run left running on its host (SIGTERM, then SIGKILL after 30 s).
+
+    Example: runner stop smoke-20261201-120000-ab12cd
+    """
     from runner import attach
 
     ended = attach.stop(run_ref)
@@ -448,7 +457,10 @@ def stop(run_ref: str) -> None:
 @json_option
 @_errors_handled
 def runs(limit: int, as_json: bool) -> None:
-    """List recent runs, newest first."""
+    """List recent runs, newest first.
+
+    Example: runner runs -n 5 --json
+    """
     from runner.pipeline import list_runs
 
     records = list_runs(limit)
@@ -652,6 +664,8 @@ def image_sync(
     Only the layers the host lacks are sent; the image is then loaded into the host's
     Docker engine, or unpacked for proot on a host without Docker, and its ID is checked
     against the local one. Prints bytes sent and skipped, and seconds.
+
+    Example: runner image sync jobs/smoke.yaml --host gpu-box --key ~/.ssh/id_ed25519
     """
     from runner.image_sync import Options, plan, sync_image
     from runner.progress import Progress
@@ -704,7 +718,10 @@ def emulator() -> None:
 def emulator_up(port, boot_delay, cpu_mode_cpus, cpu_mode_memory, balance, gpu_price, cpu_price) -> None:
     """Start the emulator in the background (builds its instance image if missing); print its URL.
 
-    The API token is kept in $RUNNER_HOME/emulator/token and never printed."""
+    The API token is kept in $RUNNER_HOME/emulator/token and never printed.
+
+    Example: runner emulator up --boot-delay 2
+    """
     from infra.emulator.control import UpOptions, up
 
     options = UpOptions(port, boot_delay, cpu_mode_cpus, cpu_mode_memory, balance, gpu_price, cpu_price)
@@ -717,7 +734,10 @@ def emulator_up(port, boot_delay, cpu_mode_cpus, cpu_mode_memory, balance, gpu_p
 @click.option("--purge", is_flag=True, help="Also remove the instances' containers and the emulator's state.")
 @_errors_handled
 def emulator_down(purge: bool) -> None:
-    """Power every instance off (recorded in the power log) and stop the emulator."""
+    """Power every instance off (recorded in the power log) and stop the emulator.
+
+    Example: runner emulator down --purge
+    """
     from infra.emulator.control import down
 
     was_running = down(purge=purge)
@@ -729,7 +749,10 @@ def emulator_down(purge: bool) -> None:
 @json_option
 @_errors_handled
 def emulator_status(as_json: bool) -> None:
-    """The running emulator's URL, balance and instances."""
+    """The running emulator's URL, balance and instances.
+
+    Example: runner emulator status --json
+    """
     from infra.emulator.control import status as emulator_state
 
     state = emulator_state()

@@ -64,3 +64,19 @@ def test_help_lists_the_commands():
     assert result.exit_code == 0
     for command in ("submit", "validate", "runs", "status"):
         assert command in result.stdout
+
+
+def test_every_command_has_help_with_an_example():
+    import click
+
+    def commands(group: click.Group, prefix: str = ""):
+        for name, command in group.commands.items():
+            if isinstance(command, click.Group):
+                yield from commands(command, f"{prefix}{name} ")
+            else:
+                yield f"{prefix}{name}", command
+
+    for name, command in commands(main):
+        shown = invoke(*name.split(), "--help")
+        assert shown.exit_code == 0, name
+        assert "Example: runner " in shown.stdout, f"`runner {name} --help` has no example"
