@@ -320,6 +320,42 @@ def doctor(job: Path | None, as_json: bool) -> None:
     sys.exit(2 if failed else 0)
 
 
+@main.command()
+@click.argument("run_ref", metavar="RUN")
+@json_option
+@_errors_handled
+def compare(run_ref: str, as_json: bool) -> None:
+    """Answers to fixed prompts before and after fine-tuning, side by side (the run's
+    samples.json, written by `python -m trainer.samples` in its train command).
+
+    Example: runner compare @last
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    from runner.errors import NotFound
+    from runner.store import open_store
+
+    with open_store() as store:
+        run = store.get_run(run_ref)
+    found = sorted(Path(run.run_dir, "artifacts").rglob("samples.json"))
+    if not found:
+        raise NotFound(
+            f"run {run.id} has no samples.json in its artifacts: add `python -m trainer.samples ...`"
+            " to its train command and /out/samples.json to its outputs (see jobs/smoke.yaml)"
+        )
+    samples = json.loads(found[0].read_text(encoding="utf-8"))
+    if as_json:
+        _emit_json(samples)
+        return
+    table = Table(title=f"{run.id}: before and after fine-tuning", show_lines=True)
+    for heading in ("prompt", "before", "after"):
+        table.add_column(heading, overflow="fold")
+    for sample in samples["samples"]:
+        table.add_row(sample["prompt"], sample["before"], sample["after"])
+    Console().print(table)
+
+
 @main.command("diff")
 @click.argument("run_a", metavar="RUN_A")
 @click.argument("run_b", metavar="RUN_B")

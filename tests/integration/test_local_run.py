@@ -273,3 +273,14 @@ def test_the_run_leaves_a_loss_chart_whose_csv_matches_its_metrics(smoke_run, tm
     both = run_cli(smoke_run["home"], "plot", run_id, run_id, "-o", str(tmp_path / "two.png"))
     assert both.code == 0 and both.stdout.strip() == str(tmp_path / "two.png")
     assert (tmp_path / "two.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_compare_shows_answers_before_and_after_fine_tuning(smoke_run):
+    run_id = smoke_run["payload"]["run_id"]
+    shown = run_cli(smoke_run["home"], "compare", run_id, "--json")
+    assert shown.code == 0, shown.stderr
+    samples = shown.json["samples"]
+    assert len(samples) == 4 and samples[0]["prompt"] == "浙江省的省会是哪里？"
+    assert any(s["before"] != s["after"] for s in samples)  # trained adapters change the answers
+    table = run_cli(smoke_run["home"], "compare", run_id)
+    assert table.code == 0 and "before and after fine-tuning" in table.stdout and "浙江省" in table.stdout
