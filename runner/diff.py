@@ -73,7 +73,10 @@ def _image(m: dict) -> dict:
 
 
 def _inputs(m: dict) -> dict:
-    return {item["dest"]: item["sha256"] for item in m.get("inputs", [])}
+    """Inputs by their place under /data, downloads by the path they were fetched to."""
+    found = {item["dest"]: item["sha256"] for item in m.get("inputs", [])}
+    found |= {item["path"]: item["sha256"] for item in m.get("downloads") or []}
+    return found
 
 
 def _trainer(m: dict) -> dict:

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 MANIFEST_VERSION = 2
 # What the trainer writes next to its metrics (trainer/finetune.py), brought home by collect.
 TRAINER_FILES = {"config": "train_config.json", "environment": "environment.json"}
+DOWNLOADS = "downloads.jsonl"  # what `trainer.fetch --record` fetched on the host
 FINAL_METRICS = ("step", "loss", "val_loss", "lr", "tokens")
 
 
@@ -75,6 +76,7 @@ def write(ctx: RunContext, run: Run, phases: list[Phase]) -> Path:
         },
         "image": ctx.image.to_dict() if ctx.image else None,
         "inputs": [asdict(item) for item in ctx.inputs],
+        "downloads": json_lines(ctx.run_dir / DOWNLOADS),
         "trainer": {key: _read_json(ctx.run_dir / name) for key, name in TRAINER_FILES.items()},
         "metrics": {"final": final_metrics(ctx.run_dir / "metrics.jsonl")},
         "phases": [

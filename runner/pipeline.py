@@ -688,12 +688,14 @@ def _collect(ctx: RunContext) -> None:
 
 def _collect_run_files(ctx: RunContext, artifacts_dir: Path) -> None:
     """Copy the trainer's metrics, and the configuration and environment it writes next to them
-    (trainer/finetune.py), to the run folder, declared as outputs or not (fetched from the host
-    only when collect did not already bring them). Only missing metrics are worth a warning:
-    a job that runs no finetune writes no configuration."""
+    (trainer/finetune.py) and the record of what was downloaded (trainer.fetch --record), to
+    the run folder, declared as outputs or not (fetched from the host only when collect did not
+    already bring them). Only missing metrics are worth a warning: a job that runs no finetune
+    writes no configuration."""
     metrics = ctx.loaded.spec.train.metrics
     wanted = [(metrics, "metrics.jsonl")]
-    wanted += [(posixpath.join(posixpath.dirname(metrics), n), n) for n in manifest.TRAINER_FILES.values()]
+    beside = [*manifest.TRAINER_FILES.values(), manifest.DOWNLOADS]
+    wanted += [(posixpath.join(posixpath.dirname(metrics), name), name) for name in beside]
     scratch = ctx.run_dir / ".collect"
     for remote, name in wanted:
         collected = artifacts_dir / posixpath.relpath(remote, "/out")

@@ -5,7 +5,11 @@ cheap no-GPU boot, not on the laptop's uplink. A dropped connection resumes from
 already on disk (HTTP Range), the result is hashed while written, and it takes its final name
 only when the hash matches: a later step never sees a half-downloaded or wrong file.
 
-    python -m trainer.fetch URL --out PATH --sha256 HEX [--retries N]
+    python -m trainer.fetch URL --out PATH --sha256 HEX [--retries N] [--record FILE]
+
+With --record, a line is appended to FILE (JSON lines) saying what was fetched: the URL without
+its query, fragment or credentials (signed URLs carry secrets there), the path, sha256 and size.
+The bundled jobs record into /out/downloads.jsonl, which runner copies into the run's manifest.
 """
 
 from __future__ import annotations
@@ -13,10 +17,12 @@ from __future__ import annotations
 import argparse
 import hashlib
 import http.client
+import json
 import os
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -80,18 +86,41 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def public_url(url: str) -> str:
+    """The URL without user info, query or fragment: what may be written down."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def record(path: Path, url: str, result: dict) -> None:
+    entry = {
+        "url": public_url(url),
+        "path": result["path"],
+        "sha256": result["sha256"],
+        "bytes": result["bytes"],
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as log:
+        log.write(json.dumps(entry) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m trainer.fetch", description=__doc__.splitlines()[0])
     parser.add_argument("url")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--sha256", required=True, help="the file's expected sha256 (64 hex digits)")
     parser.add_argument("--retries", type=int, default=5)
+    parser.add_argument("--record", type=Path, help="append what was fetched to this JSON-lines file")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     if len(args.sha256) != 64 or any(c not in "0123456789abcdef" for c in args.sha256):
         parser.error(f"--sha256 must be 64 lowercase hex digits, got {args.sha256!r}")
     try:
         result = fetch(args.url, args.out, args.sha256, args.retries)
+        if args.record is not None:
+            record(args.record, args.url, result)
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

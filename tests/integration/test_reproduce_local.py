@@ -80,13 +80,15 @@ def test_reproduce_refuses_a_changed_input_and_an_image_that_is_gone(image_id, t
     data = tmp_path / "data.json"
     data.write_text('{"x": 1}\n', encoding="utf-8")
     extra = "inputs:\n  - {src: data.json, dest: in/data.json}\n"
-    spec = quick_job(
-        tmp_path, image_id, train="cp /data/in/data.json /out/copy", outputs=["/out/copy"], extra=extra
-    )
+    fetched = {"url": "https://example.org/w.bin", "path": "/data/w.bin", "sha256": "ab" * 32, "bytes": 3}
+    train = f"cp /data/in/data.json /out/copy; echo '{json.dumps(fetched)}' > /out/downloads.jsonl"
+    spec = quick_job(tmp_path, image_id, train=train, outputs=["/out/copy"], extra=extra)
     home = tmp_path / "home"
     first = run_cli(home, "submit", str(spec), "--json", "--out", str(tmp_path / "runs"))
     assert first.code == 0, first.stderr[-4000:]
     run_id = first.json["run_id"]
+    manifest = json.loads((Path(first.json["run_dir"]) / "manifest.json").read_text())
+    assert manifest["downloads"] == [fetched]  # what trainer.fetch --record wrote on the host
 
     data.write_text('{"x": 2}\n', encoding="utf-8")
     refused = run_cli(home, "reproduce", run_id, "--json", "--out", str(tmp_path / "runs"))
@@ -94,7 +96,6 @@ def test_reproduce_refuses_a_changed_input_and_an_image_that_is_gone(image_id, t
     data.write_text('{"x": 1}\n', encoding="utf-8")
 
     manifest_path = Path(first.json["run_dir"]) / "manifest.json"
-    manifest = json.loads(manifest_path.read_text())
     manifest["image"]["image"]["id"] = "sha256:" + "0" * 64
     manifest_path.write_text(json.dumps(manifest))
     gone = run_cli(home, "reproduce", run_id, "--json", "--out", str(tmp_path / "runs"))

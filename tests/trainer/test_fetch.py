@@ -4,6 +4,7 @@ server on 127.0.0.1 that honours Range, and one that cuts the first answer short
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -69,3 +70,29 @@ def test_a_wrong_hash_is_discarded_and_nothing_takes_the_name(url, tmp_path):
     with pytest.raises(ValueError, match="the download was discarded"):
         fetch(url, out, "0" * 64, retries=1)
     assert not out.exists() and not (tmp_path / "weights.bin.part").exists()
+
+
+def test_record_writes_what_was_fetched_without_the_urls_query(url, tmp_path):
+    from trainer.fetch import main
+
+    RangeServer.cut = 0
+    record = tmp_path / "out" / "downloads.jsonl"
+    signed = url + "?X-Signature=s3cr3t#part"  # a signed URL: the query is a credential
+    argv = [signed, "--out", str(tmp_path / "weights.bin"), "--sha256", DIGEST, "--record", str(record)]
+    assert main(argv) == 0 and main(argv) == 0  # the second finds the file: recorded again
+    lines = [json.loads(line) for line in record.read_text().splitlines()]
+    assert lines[0] == {
+        "url": url,
+        "path": str(tmp_path / "weights.bin"),
+        "sha256": DIGEST,
+        "bytes": len(PAYLOAD),
+    }
+    assert lines[1] == lines[0] and "s3cr3t" not in record.read_text()
+
+
+def test_public_url_drops_user_info_query_and_fragment():
+    from trainer.fetch import public_url
+
+    assert (
+        public_url("https://me:pw@host.example:8443/a/b.bin?sig=x#f") == "https://host.example:8443/a/b.bin"
+    )

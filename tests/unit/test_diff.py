@@ -98,3 +98,10 @@ def test_runner_diff_reads_manifests_from_the_store_when_the_folders_are_gone():
     assert payload["differences"] == [{"section": "metrics", "key": "loss", "a": 1.5, "b": 1.0}]
     same = CliRunner().invoke(main, ["diff", "run-a", "run-a"])
     assert same.exit_code == 0 and same.stdout == "run-a and run-a: no differences\n"
+
+
+def test_downloads_count_as_inputs_by_the_path_they_were_fetched_to():
+    fetched = {"url": "https://example.org/w.bin", "path": "/data/w.bin", "sha256": "a1", "bytes": 3}
+    first, second = changed(downloads=[fetched]), changed(downloads=[{**fetched, "sha256": "a2"}])
+    (found,) = differences(first, second)
+    assert (found.section, found.key, found.a, found.b) == ("inputs", "/data/w.bin", "a1", "a2")
