@@ -98,9 +98,12 @@ def _instance_api(settings: RentedSettings) -> InstanceApi:
 
         url, token = connection()
         return ConsoleInstances(AutodlClient(url, token), image=EMULATOR_IMAGE, can_release=True, wallet=True)
-    token = os.environ.get(settings.token_env)
+    from runner.config import autodl_token_env
+
+    variable = autodl_token_env(settings)
+    token = os.environ.get(variable)
     if not token:
-        raise BadInput(f"the AutoDL token variable {settings.token_env} is not set")
+        raise BadInput(f"the AutoDL token variable {variable} is not set")
     if settings.api == "pro":
         client = AutodlClient(settings.url or DEVELOPER_URL, token)
         return ProInstances(client, create_body=settings.create.pro_body() if settings.create else None)

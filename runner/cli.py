@@ -61,9 +61,7 @@ out_option = click.option(
     "--out",
     "out_dir",
     type=click.Path(file_okay=False, path_type=Path),
-    default=Path("runs"),
-    show_default=True,
-    help="Folder that receives runs/<run-id>/.",
+    help="Folder that receives runs/<run-id>/ (default: the user config's defaults.out, else ./runs).",
 )
 
 
@@ -162,6 +160,7 @@ def submit(
 
     Example: runner submit jobs/smoke.yaml --detach && runner logs smoke-2026 -f
     """
+    from runner.config import runs_folder
     from runner.console import Reporter
     from runner.pipeline import new_run_id
     from runner.pipeline import submit as submit_job
@@ -170,7 +169,7 @@ def submit(
         from runner import detach as background
 
         started = background.start(
-            job, out_dir, accept_new_host_key=accept_new_host_key, run_id_for=new_run_id
+            job, runs_folder(out_dir), accept_new_host_key=accept_new_host_key, run_id_for=new_run_id
         )
         if as_json:
             _emit_json(started)
@@ -183,7 +182,9 @@ def submit(
             )
         return
     reporter = Reporter(quiet=quiet, verbose=verbose)
-    result = submit_job(job, out_dir, reporter, accept_new_host_key=accept_new_host_key, run_id=run_id)
+    result = submit_job(
+        job, runs_folder(out_dir), reporter, accept_new_host_key=accept_new_host_key, run_id=run_id
+    )
     _report_run(result, as_json)
 
 
@@ -239,6 +240,7 @@ def reproduce(
 
     Example: runner reproduce smoke-20261201-120000-ab12cd --provider emulator
     """
+    from runner.config import runs_folder
     from runner.console import Reporter
     from runner.pipeline import reproduce as reproduce_run
     from runner.reproduce import summary
@@ -246,7 +248,7 @@ def reproduce(
     reporter = Reporter(quiet=quiet, verbose=verbose)
     result, report = reproduce_run(
         run_ref,
-        out_dir,
+        runs_folder(out_dir),
         reporter,
         provider=provider,
         loss_tolerance=loss_tolerance,

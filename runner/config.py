@@ -2,8 +2,15 @@
 
 `$XDG_CONFIG_HOME/runner/config.toml` (or the file RUNNER_CONFIG names). It is optional; a
 file that exists but does not parse or validate is an error naming the file, never ignored.
-Today it holds hourly rates per provider, for the estimates and the ledger where a provider
-does not report its own prices:
+It holds defaults, references to credentials (the names of the variables that hold them,
+never the values), and hourly rates per provider for the estimates and the ledger where a
+provider does not report its own prices:
+
+    [defaults]
+    out = "~/runs"                  # where runs/<id>/ go when --out is not given
+
+    [credentials]
+    autodl_token_env = "AUTODL_TOKEN_WORK"   # for specs that do not set provider.token_env
 
     [pricing.aws]
     currency = "USD"
@@ -21,7 +28,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from runner.errors import BadInput
-from runner.spec import Currency, Money, Strict
+from runner.spec import AutodlProvider, Currency, EnvName, Money, Strict
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -40,7 +47,19 @@ class ProviderPricing(Strict):
     types: dict[str, Money] = {}
 
 
+class Defaults(Strict):
+    out: str | None = None  # the folder for runs/<id>/ when --out is not given
+
+
+class Credentials(Strict):
+    """Where credentials are found: variable names, never values."""
+
+    autodl_token_env: EnvName | None = None
+
+
 class UserConfig(Strict):
+    defaults: Defaults = Defaults()
+    credentials: Credentials = Credentials()
     pricing: dict[str, ProviderPricing] = {}
 
 
@@ -70,3 +89,19 @@ def load_user_config() -> UserConfig:
         first = exc.errors()[0]
         where = ".".join(str(part) for part in first["loc"])
         raise BadInput(f"{path}: {where}: {first['msg']}") from None
+
+
+def runs_folder(given: Path | None) -> Path:
+    """--out if given, else the config's defaults.out, else ./runs."""
+    if given is not None:
+        return given
+    configured = load_user_config().defaults.out
+    return Path(configured).expanduser() if configured else Path("runs")
+
+
+def autodl_token_env(settings: AutodlProvider) -> str:
+    """The variable holding the AutoDL token: the spec's provider.token_env when it sets one,
+    else the config's credentials.autodl_token_env, else AUTODL_TOKEN."""
+    if "token_env" in settings.model_fields_set:
+        return settings.token_env
+    return load_user_config().credentials.autodl_token_env or settings.token_env

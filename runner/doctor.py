@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from runner.config import autodl_token_env
 from runner.errors import RunnerError
 
 DISK_WARN_GIB = 20.0  # an image, a base model and checkpoints want room
@@ -184,12 +185,13 @@ def _provider_checks(loaded) -> Iterator[Check]:
         yield _checked("ssh key", lambda: _key(key_path))
     if getattr(provider, "password_env", None):
         yield _env_check("ssh password", provider.password_env, "provider.password_env names it")
-    if provider.type == "autodl":
-        yield _env_check("autodl token", provider.token_env, "provider.token_env names it")
+    token_env = autodl_token_env(provider) if provider.type == "autodl" else None
+    if token_env is not None:
+        yield _env_check("autodl token", token_env, "the variable the AutoDL token is read from")
     if provider.type == "aws":
         yield _checked("aws credentials", _aws_credentials)
     if provider.type in ("autodl", "emulator") and (
-        provider.type == "emulator" or os.environ.get(provider.token_env)
+        provider.type == "emulator" or os.environ.get(token_env or "")
     ):
         yield _checked(f"{provider.type} api", lambda: _instance_api(loaded))
 
