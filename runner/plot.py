@@ -115,14 +115,23 @@ def sparkline(values: list[float], width: int = 24) -> str:
 
 
 def run_title(recorded: dict, cost_report: dict | None) -> str:
-    """The run's name, its model (the checkpoint folder the trainer started from) and cost."""
+    """The run's name, its model (size, or the checkpoint folder, and the LoRA) and cost."""
     parts = [str(recorded.get("run_id") or (recorded.get("job") or {}).get("name") or "run")]
-    config = (recorded.get("trainer") or {}).get("config") or {}
-    if config.get("checkpoint_dir"):
+    trainer = recorded.get("trainer") or {}
+    config, model = trainer.get("config") or {}, (trainer.get("environment") or {}).get("model") or {}
+    if model.get("base_params"):
+        parts.append(f"{_count(model['base_params'])} parameters")
+    elif config.get("checkpoint_dir"):
         parts.append(Path(str(config["checkpoint_dir"])).name)
+    if config.get("lora_r"):
+        parts.append(f"LoRA r{config['lora_r']} on {','.join(config.get('lora_targets') or [])}")
     for total in (cost_report or {}).get("totals", []):
         parts.append(f"{total['total']:.4f} {total['currency']}")
     return " · ".join(parts)
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.0f}k"
 
 
 def chart_run(run_dir: Path, recorded: dict) -> Path | None:

@@ -242,6 +242,14 @@ class Run:
     resumed_from: Path | None
 
 
+def model_summary(model: LLaMA) -> dict:
+    """The model's shape and size as the run manifest records it (the frozen base's parameters;
+    the adapters are counted apart)."""
+    trainable = count_trainable(model)
+    total = sum(p.numel() for p in model.parameters())
+    return {**asdict(model.config), "base_params": total - trainable, "lora_params": trainable}
+
+
 def setup(cfg: TrainConfig, dist: Dist, resume_from: str | None, log: Callable[[str], None]) -> Run:
     """Model, data, optimizer and batch order, fresh or as a checkpoint left them."""
     out = Path(cfg.out_dir)
@@ -271,7 +279,8 @@ def setup(cfg: TrainConfig, dist: Dist, resume_from: str | None, log: Callable[[
     if dist.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
-        (out / "environment.json").write_text(json.dumps(environment(dist.device), indent=2) + "\n")
+        found = {**environment(dist.device), "model": model_summary(model)}
+        (out / "environment.json").write_text(json.dumps(found, indent=2) + "\n")
         progress.metrics_lines = truncate_lines(out / METRICS, progress.metrics_lines)
     trained: nn.Module = model
     if dist.world_size > 1:

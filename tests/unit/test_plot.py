@@ -54,9 +54,12 @@ def test_the_chart_and_its_csv_match_the_metrics(tmp_path):
 
 
 def test_the_title_names_run_model_and_cost():
-    recorded = {"run_id": "smoke-1", "trainer": {"config": {"checkpoint_dir": "/data/llama-7b"}}}
+    config = {"checkpoint_dir": "/data/llama-7b", "lora_r": 8, "lora_targets": ["q", "v"]}
+    recorded = {"run_id": "smoke-1", "trainer": {"config": config}}
     cost = {"totals": [{"total": 0.0283, "currency": "CNY"}]}
-    assert run_title(recorded, cost) == "smoke-1 · llama-7b · 0.0283 CNY"
+    assert run_title(recorded, cost) == "smoke-1 · llama-7b · LoRA r8 on q,v · 0.0283 CNY"
+    recorded["trainer"]["environment"] = {"model": {"base_params": 6_738_415_616}}
+    assert run_title(recorded, None) == "smoke-1 · 6.7B parameters · LoRA r8 on q,v"
     assert run_title({"run_id": "local-1"}, None) == "local-1"
 
 
