@@ -1,7 +1,7 @@
 """`runner reproduce RUN`: run a finished run again from its manifest, then say what matched.
 
-The spec as the run was given it is written again next to the original (so its relative paths
-mean what they meant), with everything that could drift pinned: the image by the ID the run used
+The spec as the run was given it is written again into the state folder, its relative paths
+made absolute, with everything that could drift pinned: the image by the ID the run used
 (never rebuilt: a rebuild is a different image), every input by the sha256 the run hashed (plan
 refuses a changed file, naming it), and optionally another provider. The trainer's seeds and
 configuration are in the spec's commands and come along unchanged. At the end the artifacts are
@@ -17,30 +17,33 @@ from pathlib import Path
 import yaml
 
 from runner import manifest
-from runner.errors import BadInput, NotFound
+from runner.errors import BadInput
 from runner.files import json_lines, write_json_atomic
+from runner.home import private_dir, runner_home
 from runner.store import Run, Store
 
 PROVIDERS_WITHOUT_SETTINGS = ("local", "emulator")
 
 
 def reproduction_spec(run: Run, recorded: dict, provider: str | None) -> Path:
-    """Write the spec that runs `run` again (next to its original spec) and return its path."""
+    """Write the spec that runs `run` again and return its path (in the state folder: the
+    user's job folder gets no files it did not ask for)."""
     job = recorded.get("job") or {}
     if not job.get("spec_text") or not recorded.get("image"):
         raise BadInput(
             f"run {run.id} has no complete manifest (made by an older runner?); it cannot be reproduced"
         )
     original = Path(job["spec_path"])
-    if not original.parent.is_dir():
-        raise NotFound(f"run {run.id}'s job folder {original.parent} is gone; its inputs went with it")
     spec = yaml.safe_load(job["spec_text"])
     image = recorded["image"]["image"]
     _check_image_present(image["id"], run, recorded)
     spec["image"] = {"ref": image["id"]}
-    hashes = {item["dest"]: item["sha256"] for item in recorded.get("inputs", [])}
+    recorded_inputs = {item["dest"]: item for item in recorded.get("inputs", [])}
     for item in spec.get("inputs") or []:
-        item["sha256"] = hashes.get(item.get("dest"), item.get("sha256"))
+        was = recorded_inputs.get(item.get("dest"))
+        if was is not None:  # the file the run hashed, by its absolute path, with that hash
+            item["src"], item["sha256"] = was["src"], was["sha256"]
+    spec["provider"] = _absolute_key(spec["provider"], original.parent)
     if provider is not None:
         spec["provider"] = _provider_settings(provider)
     header = f"# `runner reproduce {run.id}`: that run's spec with its image and inputs pinned.\n"
@@ -48,10 +51,18 @@ def reproduction_spec(run: Run, recorded: dict, provider: str | None) -> Path:
     # named after its content: the same reproduction finds its file again, another (a different
     # --provider) gets its own, and no file a run was made from is ever rewritten
     digest = hashlib.sha256(text.encode("utf-8")).hexdigest()[:8]
-    path = original.with_name(f"{original.stem}.reproduce-{run.id}-{digest}.yaml")
+    path = private_dir(runner_home() / "specs") / f"{original.stem}.reproduce-{run.id}-{digest}.yaml"
     if not path.exists():
         path.write_text(text, encoding="utf-8")
     return path
+
+
+def _absolute_key(provider: dict, folder: Path) -> dict:
+    """The provider's key_file as an absolute path (it was relative to the spec's folder)."""
+    key_file = provider.get("key_file") if isinstance(provider, dict) else None
+    if key_file and not Path(key_file).is_absolute():
+        return {**provider, "key_file": str((folder / key_file).resolve())}
+    return provider
 
 
 def _check_image_present(image_id: str, run: Run, recorded: dict) -> None:
@@ -85,7 +96,7 @@ def _provider_settings(provider: str) -> dict:
         ) from None
     if not isinstance(settings, dict) or "type" not in settings:
         raise BadInput(f"--provider {provider}: the file must hold a provider mapping with a 'type'")
-    return settings
+    return _absolute_key(settings, path.resolve().parent)
 
 
 def compare(store: Store, original: Run, again: Run, tolerance: float) -> dict:
@@ -134,7 +145,10 @@ def summary(report: dict) -> list[str]:
     lines = [f"reproduction of {report['reproduces']}:"]
     for key, label in (("identical", "identical"), ("different", "DIFFERENT"), ("missing", "MISSING")):
         for path in report[key]:
-            lines.append(f"  {label:<9} {path}")
+            if key == "different" and Path(path).name == "metrics.jsonl":
+                lines.append(f"  {'differs':<9} {path} (it records wall-clock times: see the loss curve)")
+            else:
+                lines.append(f"  {label:<9} {path}")
     loss = report["loss"]
     if loss["steps_compared"]:
         verdict = "within" if loss["within"] else "OUTSIDE"

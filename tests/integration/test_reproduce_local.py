@@ -63,8 +63,9 @@ def test_reproducing_the_smoke_run_gives_bitwise_identical_adapters(smoke_run, t
         "artifacts/eval.json",
     } <= set(report["identical"])
     assert report["loss"]["steps_compared"] == 60 and report["loss"]["max_abs_diff"] == 0.0
-    (spec,) = smoke_run["spec"].parent.glob(f"smoke.reproduce-{original['run_id']}-*.yaml")
+    (spec,) = (smoke_run["home"] / "specs").glob(f"smoke.reproduce-{original['run_id']}-*.yaml")
     assert "sha256:" in spec.read_text()  # the image pinned by ID, not rebuilt
+    assert not list(smoke_run["spec"].parent.glob("*.reproduce-*"))  # nothing added to the job's folder
 
     diff = run_cli(smoke_run["home"], "diff", original["run_id"], again.json["run_id"], "--json")
     assert diff.code == 0, diff.stderr
@@ -92,7 +93,7 @@ def test_reproduce_refuses_a_changed_input_and_an_image_that_is_gone(image_id, t
 
     data.write_text('{"x": 2}\n', encoding="utf-8")
     refused = run_cli(home, "reproduce", run_id, "--json", "--out", str(tmp_path / "runs"))
-    assert refused.code == 2 and refused.json["error"].startswith("input data.json: sha256 is ")
+    assert refused.code == 2 and refused.json["error"].startswith(f"input {data}: sha256 is ")
     data.write_text('{"x": 1}\n', encoding="utf-8")
 
     manifest_path = Path(first.json["run_dir"]) / "manifest.json"

@@ -316,5 +316,5 @@ def test_pipeline_learns(tmp_path):
     assert environment["torch"] == torch.__version__ and environment["device"] == "cpu"
     assert environment["python"].count(".") == 2 and "gpu" not in environment  # no GPU here
     with safe_open(tmp_path / "run1" / "lora.safetensors", framework="pt") as adapters:
-        saved = sum(adapters.get_tensor(key).numel() for key in adapters.keys())
+        saved = sum(adapters.get_tensor(key).numel() for key in adapters.keys())  # noqa: SIM118 (safe_open is not iterable)
     assert environment["model"]["n_layer"] == 2 and environment["model"]["lora_params"] == saved
