@@ -242,7 +242,7 @@ def reproduce(
     """
     from runner.config import runs_folder
     from runner.console import Reporter
-    from runner.pipeline import reproduce as reproduce_run
+    from runner.reproduce import reproduce as reproduce_run
     from runner.reproduce import summary
 
     reporter = Reporter(quiet=quiet, verbose=verbose)

@@ -196,34 +196,6 @@ def resume(ref: str, reporter: Reporter, *, accept_new_host_key: bool = False) -
             return _execute(ctx, done)
 
 
-def reproduce(
-    ref: str,
-    out_root: Path,
-    reporter: Reporter,
-    *,
-    provider: str | None = None,
-    loss_tolerance: float = 0.0,
-    accept_new_host_key: bool = False,
-) -> tuple[RunResult, dict | None]:
-    """Run a succeeded run again with its image and inputs pinned (runner.reproduce), and
-    compare the two; the comparison is None when the new run did not succeed."""
-    from runner import reproduce as again
-
-    with open_store() as store:
-        original = store.get_run(ref)
-        if original.status != "succeeded":
-            raise BadInput(f"run {original.id} {original.status}; only a succeeded run can be reproduced")
-        spec_path = again.reproduction_spec(original, manifest.read(original, store), provider)
-    reporter.info(f"reproducing {original.id} from {spec_path}")
-    result = submit(
-        spec_path, out_root, reporter, accept_new_host_key=accept_new_host_key, reproduces=original.id
-    )
-    if result.run.status != "succeeded":
-        return result, None
-    with open_store() as store:
-        return result, again.compare(store, original, result.run, loss_tolerance)
-
-
 def _spec_as_run(run: Run) -> LoadedSpec:
     """The run's job spec, refused if it changed since the run began."""
     loaded = load_spec(run.spec_path)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
@@ -20,9 +21,41 @@ from runner import manifest
 from runner.errors import BadInput
 from runner.files import json_lines, write_json_atomic
 from runner.home import private_dir, runner_home
-from runner.store import Run, Store
+from runner.store import Run, Store, open_store
+
+if TYPE_CHECKING:
+    from runner.console import Reporter
+    from runner.pipeline import RunResult
 
 PROVIDERS_WITHOUT_SETTINGS = ("local", "emulator")
+
+
+def reproduce(
+    ref: str,
+    out_root: Path,
+    reporter: Reporter,
+    *,
+    provider: str | None = None,
+    loss_tolerance: float = 0.0,
+    accept_new_host_key: bool = False,
+) -> tuple[RunResult, dict | None]:
+    """Run a succeeded run again with its image and inputs pinned, and compare the two; the
+    comparison is None when the new run did not succeed."""
+    from runner.pipeline import submit
+
+    with open_store() as store:
+        original = store.get_run(ref)
+        if original.status != "succeeded":
+            raise BadInput(f"run {original.id} {original.status}; only a succeeded run can be reproduced")
+        spec_path = reproduction_spec(original, manifest.read(original, store), provider)
+    reporter.info(f"reproducing {original.id} from {spec_path}")
+    result = submit(
+        spec_path, out_root, reporter, accept_new_host_key=accept_new_host_key, reproduces=original.id
+    )
+    if result.run.status != "succeeded":
+        return result, None
+    with open_store() as store:
+        return result, compare(store, original, result.run, loss_tolerance)
 
 
 def reproduction_spec(run: Run, recorded: dict, provider: str | None) -> Path:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,9 @@ def test_the_ledger_matches_the_emulators_charges_and_balance(cloud, tmp_path, t
     assert code == 0, stderr[-4000:]
     run_id, run_dir = payload["run_id"], Path(payload["run_dir"])
     assert "cost: " in stderr and " CNY (cpu " in stderr
+    # no terminal: transfers show as plain lines, each layer's and output's last at 100%
+    assert re.search(r"^  layer [0-9a-f]{12}: [0-9.]+/[0-9.]+ MB \(100%\)$", stderr, re.MULTILINE)
+    assert "  output result: 0.0/0.0 MB (100%)" in stderr
 
     report = json.loads((run_dir / "cost.json").read_text())
     (total,) = report["totals"]
