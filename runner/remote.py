@@ -10,6 +10,7 @@ must not pay for it.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import logging
@@ -249,13 +250,14 @@ class RemoteHost:
                 time.sleep(delay)
 
     def close(self) -> None:
-        """Drop the session; the next operation reconnects."""
-        if self._sftp is not None:
-            self._sftp.close()
-            self._sftp = None
-        if self._client is not None:
-            self._client.close()
-            self._client = None
+        """Drop the session; the next operation reconnects. Closing a session whose link is
+        already gone (the reason to close it, after a cut) must not fail: paramiko raises a raw
+        EOFError when it cannot send the close message."""
+        sftp, client, self._sftp, self._client = self._sftp, self._client, None, None
+        for handle in (sftp, client):
+            if handle is not None:
+                with contextlib.suppress(*_transient_errors()):
+                    handle.close()
 
     def _connect_once(self) -> paramiko.SSHClient:
         """One connection attempt; a refused login raises BadInput at once, never retried."""

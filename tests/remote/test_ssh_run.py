@@ -189,8 +189,14 @@ def test_whole_run_over_ssh_brings_back_verified_outputs(good_runs, job_folder, 
     assert set(artifacts) == {"artifacts/result", "artifacts/sub/file"}
     for path, digest in artifacts.items():
         assert sha256(run_dir / path) == digest
-    listed, metrics = events(job_folder, payload["run_id"], "outputs.listed")  # outputs, then metrics
-    assert metrics["missing"] == ["metrics.jsonl"]
+    # the outputs, then the run's own files looked for beside the metrics (none written here)
+    listed, *run_files = events(job_folder, payload["run_id"], "outputs.listed")
+    assert [f["missing"] for f in run_files] == [
+        ["metrics.jsonl"],
+        ["train_config.json"],
+        ["environment.json"],
+        ["downloads.jsonl"],
+    ]
     assert {f"artifacts/{f['path']}": f["sha256"] for f in listed["files"]} == artifacts
     assert listed["refused"] == listed["missing"] == []
 
@@ -352,8 +358,11 @@ def test_smoke_job_over_ssh(job_folder, ssh_host):
     run_dir = Path(payload["run_dir"])
     artifacts = {a["path"]: a["sha256"] for a in payload["artifacts"]}
     assert "artifacts/lora.safetensors" in artifacts and "artifacts/eval.json" in artifacts
-    # one listing: metrics.jsonl came back with the outputs, so it is not fetched a second time
-    (listed,) = events(job_folder, payload["run_id"], "outputs.listed")
+    # metrics.jsonl and train_config.json came back with the outputs, so they are not fetched a
+    # second time; environment.json (written by the trainer, not declared) and downloads.jsonl are
+    listed, environment, downloads = events(job_folder, payload["run_id"], "outputs.listed")
+    assert [f["path"] for f in environment["files"]] == ["environment.json"]
+    assert downloads["missing"] == ["downloads.jsonl"]
     assert {f"artifacts/{f['path']}": f["sha256"] for f in listed["files"]} == artifacts
     for path, digest in artifacts.items():
         assert sha256(run_dir / path) == digest
