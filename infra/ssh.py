@@ -31,6 +31,7 @@ from infra.base import (
     OutputSink,
     TransferProgress,
 )
+from runner import interrupts
 from runner.errors import BadInput, ProviderFailure, RunFailed
 from runner.remote import Endpoint, RemoteHost, check_remote_path
 
@@ -251,14 +252,17 @@ class SshHost:
             handle is None or self.runtime.poll(handle).state is StepState.RUNNING
         ):
             self._start_watchdog(request.name, request.guard)
-        if handle is None:
-            handle = self.runtime.start_step(
-                self.run_dir, _step_name(request.name), request.script, request.env, request.gpus
-            )
         lines = Lines(on_output)
         try:
+            if handle is None:
+                with interrupts.deferred(f"starting {request.name}"):
+                    handle = self.runtime.start_step(
+                        self.run_dir, _step_name(request.name), request.script, request.env, request.gpus
+                    )
             code = self.runtime.wait(handle, STEP_TIMEOUT_S, lines.feed)
         except KeyboardInterrupt:
+            if handle is None:  # interrupted before the step was started
+                raise
             lines.flush()
             self._left_running = handle
             self._store.add_event(

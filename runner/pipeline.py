@@ -14,10 +14,8 @@ import os
 import posixpath
 import secrets
 import shutil
-import signal
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -26,7 +24,7 @@ from typing import TypeVar
 from infra import instances
 from infra.base import ContainerRun, Guard, Host, Instance, InstanceState, PowerMode, Provider
 from infra.registry import provider_for
-from runner import billing, budget, manifest, pricing, provenance, runlock
+from runner import billing, budget, interrupts, manifest, pricing, provenance, runlock
 from runner.console import Reporter
 from runner.errors import (
     EXIT_OK,
@@ -162,7 +160,7 @@ def submit(
             store.add_event(run_id, "run.created", spec=str(loaded.path), provider=provider.type)
             reporter.info(f"run {run_id} -> {run_dir}")
             ctx = RunContext(store, run, loaded, run_dir, provider, reporter, reproduces=reproduces)
-            with _signals_interrupt():
+            with interrupts.raised_as_keyboard_interrupt():
                 return _execute(ctx)
 
 
@@ -192,7 +190,7 @@ def resume(ref: str, reporter: Reporter, *, accept_new_host_key: bool = False) -
         resume_at = next(name for name in PHASES[1:] if name not in done)
         store.add_event(run.id, "run.resumed", at=resume_at, previous_status=run.status)
         reporter.info(f"resuming run {run.id} at {resume_at} -> {run_dir}")
-        with _signals_interrupt():
+        with interrupts.raised_as_keyboard_interrupt():
             return _execute(ctx, done)
 
 
@@ -247,7 +245,7 @@ def _execute(ctx: RunContext, done: frozenset[str] = frozenset()) -> RunResult:
         status, exit_code, error = "interrupted", EXIT_INTERRUPTED, f"interrupted ({exc or 'SIGINT'})"
     except Exception as exc:  # a bug or an unforeseen library error: record it, then let the CLI report it
         status, exit_code, error, unexpected = "failed", EXIT_RUN_FAILED, _internal(exc), exc
-    with _signals_ignored():
+    with interrupts.ignored():
         ctx.failed = status != "succeeded"
         teardown_error = _teardown_safely(ctx)
         if teardown_error and status == "succeeded":
@@ -304,33 +302,6 @@ def _chart(ctx: RunContext, run: Run) -> None:
 
 def _internal(exc: BaseException) -> str:
     return f"internal error: {type(exc).__name__}: {exc}"
-
-
-@contextmanager
-def _signals_interrupt() -> Iterator[None]:
-    """Treat SIGTERM and SIGHUP (terminal closed) like Ctrl-C, so teardown still runs."""
-
-    def interrupt(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt(signal.Signals(signum).name)
-
-    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-@contextmanager
-def _signals_ignored() -> Iterator[None]:
-    """Let teardown finish: a second Ctrl-C must not leave containers or instances behind."""
-    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in signals}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 def _teardown_safely(ctx: RunContext) -> RunnerError | None:
