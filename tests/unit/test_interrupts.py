@@ -10,11 +10,14 @@ from runner import interrupts
 
 def test_a_sigterm_during_a_deferred_block_is_raised_after_it(capsys):
     done = []
-    with pytest.raises(KeyboardInterrupt, match="SIGTERM"), interrupts.raised_as_keyboard_interrupt():
-        with interrupts.deferred("starting train"):
-            os.kill(os.getpid(), signal.SIGTERM)
-            os.kill(os.getpid(), signal.SIGINT)  # a second one is held too, not raised mid-way
-            done.append("started")
+    with (
+        pytest.raises(KeyboardInterrupt, match="SIGTERM"),
+        interrupts.raised_as_keyboard_interrupt(),
+        interrupts.deferred("starting train"),
+    ):
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGINT)  # a second one is held too, not raised mid-way
+        done.append("started")
     assert done == ["started"]
     assert capsys.readouterr().err == "runner: interrupted; finishing starting train first\n"
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
