@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from infra.instances import BootPolicy
+    from runner.layer_sources import RegistrySource
 
 OutputSink = Callable[[str], None]
 TransferProgress = Callable[[str, int, int], None]  # (what, bytes done, bytes total) of one transfer
@@ -52,6 +53,8 @@ class Capabilities:
     """True when there is a machine to create, boot and stop (False: runs right here)."""
     power_modes: bool
     """True when the machine can boot without its GPU for cheap set-up work."""
+    ships_image: bool = True
+    """True when the image travels to another machine (False: the local engine has it)."""
 
 
 @dataclass(frozen=True)
@@ -100,8 +103,15 @@ class Workspace:
 class Host(Protocol):
     """Where one run's containers execute."""
 
-    def ensure_image(self, image_id: str, progress: TransferProgress | None = None) -> None:
-        """Make the image available to this host, or raise ProviderFailure."""
+    def ensure_image(
+        self,
+        image_id: str,
+        progress: TransferProgress | None = None,
+        registry: RegistrySource | None = None,
+        note: Callable[[str], None] | None = None,
+    ) -> None:
+        """Make the image available to this host, or raise ProviderFailure. registry names where
+        the host may fetch public layers itself; note takes one-line messages for the user."""
 
     def put_input(self, src: Path, dest: str, progress: TransferProgress | None = None) -> str:
         """Place a local file at /data/<dest> (dest already validated as relative and inside);

@@ -32,7 +32,7 @@ STOP_GRACE_S = 30
 
 class LocalProvider:
     type = "local"
-    capabilities = Capabilities(instances=False, power_modes=False)
+    capabilities = Capabilities(instances=False, power_modes=False, ships_image=False)
 
     def open_host(self, run_id: str, instance: Instance | None = None) -> LocalHost:
         root = private_dir(private_dir(runner_home() / "work") / run_id)
@@ -50,7 +50,9 @@ class LocalHost:
         self.workspace = workspace
         self._client = docker_client()
 
-    def ensure_image(self, image_id: str, progress: TransferProgress | None = None) -> None:
+    def ensure_image(
+        self, image_id: str, progress: TransferProgress | None = None, registry=None, note=None
+    ) -> None:
         """The image is in this engine already: only checked (nothing to transfer)."""
         from docker.errors import ImageNotFound
 

@@ -17,6 +17,7 @@ import os
 import posixpath
 import re
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -36,6 +37,7 @@ from runner.errors import BadInput, ProviderFailure, RunFailed
 from runner.remote import Endpoint, RemoteHost, check_remote_path
 
 if TYPE_CHECKING:
+    from runner.layer_sources import RegistrySource
     from runner.runtimes import Runtime
     from runner.spec import SshProvider as SshSettings
     from runner.spec import StepLimits
@@ -217,11 +219,20 @@ class SshHost:
         if result.exit_code != 0:
             raise ProviderFailure(f"cannot create {self.run_dir} on {self._where()}: {result.stderr.strip()}")
 
-    def ensure_image(self, image_id: str, progress: TransferProgress | None = None) -> None:
-        """Read the image's layers from the local engine; the runtime sends what the host lacks."""
+    def ensure_image(
+        self,
+        image_id: str,
+        progress: TransferProgress | None = None,
+        registry: RegistrySource | None = None,
+        note: Callable[[str], None] | None = None,
+    ) -> None:
+        """Read the image's layers from the local engine; the runtime has the host fetch what a
+        registry serves and sends the rest of what it lacks."""
         from runner.layers import image_layers
 
-        report = self.runtime.prepare_image(image_layers(image_id), progress)
+        report = self.runtime.prepare_image(image_layers(image_id), progress, registry, note)
+        for line in report.notes if note is not None else ():
+            note(line)
         self._store.add_event(self.run_id, "image.synced", runtime=self.runtime.name, **report.to_dict())
 
     def put_input(self, src: Path, dest: str, progress: TransferProgress | None = None) -> str:

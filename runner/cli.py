@@ -710,12 +710,17 @@ def image_sync(
     from runner.store import open_store
 
     options = Options(host, key, password_env, data_dir, runtime, accept_new_host_key)
-    image_id, target = plan(ref, options, lambda text: click.echo(text, err=True))
+    image_id, target, registry = plan(ref, options, lambda text: click.echo(text, err=True))
     progress = Progress(sys.stderr, bars=sys.stderr.isatty())
     with open_store() as store:
         try:
             result = sync_image(
-                image_id, target, store, accept_new_host_key=accept_new_host_key, progress=progress
+                image_id,
+                target,
+                store,
+                accept_new_host_key=accept_new_host_key,
+                progress=progress,
+                registry=registry,
             )
         finally:
             progress.close()
@@ -723,6 +728,28 @@ def image_sync(
         _emit_json(result.to_dict())
     else:
         click.echo(result.summary())
+
+
+@image.command("plan", short_help="Show where each layer of a job's image would come from.")
+@click.argument("job", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@json_option
+@_errors_handled
+def image_plan(job: Path, as_json: bool) -> None:
+    """Each layer of JOB's image: its size and its source, before anything moves.
+
+    Layers that the job's base image (image.registry.base, else the Dockerfile's FROM) has at
+    a registry or a mirror are fetched by the instance itself; only the rest travel from the
+    laptop. Layers the instance already holds are skipped when it syncs.
+
+    Example: runner image plan jobs/llama7b-lora-zh.yaml
+    """
+    from runner.image_sync import layer_plan, plan_lines
+
+    result = layer_plan(str(job), lambda text: click.echo(text, err=True))
+    if as_json:
+        _emit_json(result)
+    else:
+        click.echo("\n".join(plan_lines(result)))
 
 
 @main.group()

@@ -17,6 +17,9 @@ provider does not report its own prices:
     cpu_per_hour = 0.0832
     gpu_per_hour = 1.006
     types = { "g4dn.xlarge" = 0.526, "t3.large" = 0.0832 }   # per instance type, wins over the above
+
+    [registry.autodl]
+    mirrors = ["https://docker.m.daocloud.io"]  # tried after the job's image.registry.mirrors
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from runner.errors import BadInput
-from runner.spec import AutodlProvider, Currency, EnvName, Money, Strict
+from runner.spec import AutodlProvider, Currency, EnvName, MirrorUrl, Money, Strict
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -47,6 +50,12 @@ class ProviderPricing(Strict):
     types: dict[str, Money] = {}
 
 
+class ProviderRegistry(Strict):
+    """Registry mirrors near one provider type's instances (say, a regional Docker Hub mirror)."""
+
+    mirrors: list[MirrorUrl] = []
+
+
 class Defaults(Strict):
     out: str | None = None  # the folder for runs/<id>/ when --out is not given
 
@@ -61,6 +70,7 @@ class UserConfig(Strict):
     defaults: Defaults = Defaults()
     credentials: Credentials = Credentials()
     pricing: dict[str, ProviderPricing] = {}
+    registry: dict[str, ProviderRegistry] = {}
 
 
 def config_path() -> Path:

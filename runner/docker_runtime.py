@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -28,6 +28,7 @@ from runner.remote import RemoteHost
 from runner.steps import DetachedSteps, StepHandle, absolute_folder, step_folder
 
 if TYPE_CHECKING:
+    from runner.layer_sources import RegistrySource
     from runner.spec import StepLimits
 
 RUN_LABEL = "dev.runner.run_dir"
@@ -113,14 +114,29 @@ class DockerRuntime(DetachedSteps):
 
     # -- the image ------------------------------------------------------------------
 
-    def prepare_image(self, layers: ImageLayers, progress: LayerProgress | None = None) -> SyncReport:
+    def prepare_image(
+        self,
+        layers: ImageLayers,
+        progress: LayerProgress | None = None,
+        registry: RegistrySource | None = None,
+        note: Callable[[str], None] | None = None,
+    ) -> SyncReport:
         """Make the image runnable on the engine, sending only the layers it lacks."""
         if self._engine_has(layers.image_id):
             self._image = layers.image_id
             return SyncReport.nothing_sent(layers, codec="none")
         chain = 0 if self.engine.containerd_store else engine_chain(layers.diff_ids, self._engine_layers())
         needed = set(layers.diff_ids[chain:])
-        report = sync_layers(self.host, layers, self.data_dir, progress, needed=needed)
+        report = sync_layers(
+            self.host,
+            layers,
+            self.data_dir,
+            progress,
+            needed=needed,
+            registry=registry,
+            steps=self,
+            note=note,
+        )
         self._load(layers, chain)
         self._image = layers.image_id
         cached = [RemoteLayout.at(self.data_dir).layer(diff_id) for diff_id in sorted(needed)]

@@ -17,9 +17,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from runner.errors import BadInput, NotFound
+from runner.images import ResolvedImage
+from runner.layer_sources import RegistrySource
 from runner.layers import SyncReport
 from runner.progress import Progress
 from runner.remote import Endpoint, RemoteHost
+from runner.spec import LoadedSpec
 from runner.steps import absolute_folder
 from runner.store import Store
 
@@ -67,8 +70,11 @@ class SyncResult:
 
     def summary(self) -> str:
         r = self.report
+        fetched = (
+            f" {len(r.fetched)} fetched by the host ({r.bytes_fetched / 1e6:.1f} MB)," if r.fetched else ""
+        )
         return (
-            f"{self.host} ({self.runtime}): {len(r.sent)} layers sent, {len(r.skipped)} skipped,"
+            f"{self.host} ({self.runtime}): {len(r.sent)} layers sent,{fetched} {len(r.skipped)} skipped,"
             f" {r.bytes_sent / 1e6:.1f} MB sent, {r.bytes_skipped / 1e6:.1f} MB skipped,"
             f" {r.seconds:.1f} s; image {r.image_id} verified"
         )
@@ -130,13 +136,16 @@ def resolve_target(options: Options, provider: object | None = None, what: str =
     return Target(endpoint, absolute_folder(data_dir), runtime)
 
 
-def plan(argument: str, options: Options, notice: Callable[[str], None]) -> tuple[str, Target]:
-    """The local image ID to sync and where to, from a job spec path or an image reference.
+def plan(
+    argument: str, options: Options, notice: Callable[[str], None]
+) -> tuple[str, Target, RegistrySource | None]:
+    """The local image ID to sync, where to, and (for a job) the registry its host may fetch
+    the base layers from, from a job spec path or an image reference.
 
     The target is checked before a job's image is built, so a bad option fails at once."""
     if not is_job_spec(argument):
         target = resolve_target(options, None, f"image {argument}")
-        return local_image_id(argument), target
+        return local_image_id(argument), target, None
     from runner.images import resolve_image
     from runner.spec import load_spec
 
@@ -144,7 +153,66 @@ def plan(argument: str, options: Options, notice: Callable[[str], None]) -> tupl
     target = resolve_target(options, loaded.spec.provider, f"job {loaded.spec.name}")
     if loaded.spec.image.build is not None:
         notice(f"building the image of job {loaded.spec.name}")
-    return resolve_image(loaded, lambda line: None).image.id, target
+    resolved = resolve_image(loaded, lambda line: None)
+    registry = job_registry(loaded, resolved, notice)
+    return resolved.image.id, target, registry
+
+
+def job_registry(
+    loaded: LoadedSpec, resolved: ResolvedImage, notice: Callable[[str], None]
+) -> RegistrySource | None:
+    """Where the job's base layers can be fetched from (None: the laptop sends them all)."""
+    from runner.layer_sources import resolve_source
+
+    built_from = resolved.base.ref if resolved.base else None
+    return resolve_source(loaded.spec.image, built_from, loaded.spec.provider.type, notice)
+
+
+def layer_plan(argument: str, notice: Callable[[str], None]) -> dict:
+    """`runner image plan JOB`: each layer of the job's image, its size and where it would
+    come from (a registry or the laptop), before anything moves."""
+    from runner.images import resolve_image
+    from runner.layer_sources import SOURCE_LAPTOP, plan_layers
+    from runner.layers import image_layers
+    from runner.spec import load_spec
+
+    loaded = load_spec(argument)
+    if loaded.spec.image.build is not None:
+        notice(f"building the image of job {loaded.spec.name}")
+    resolved = resolve_image(loaded, lambda line: None)
+    registry = job_registry(loaded, resolved, notice)
+    layers = image_layers(resolved.image.id)
+    planned = plan_layers(layers.diff_ids, layers.sizes, registry, set())
+    laptop = [p for p in planned if p.source == SOURCE_LAPTOP]
+    return {
+        "job": loaded.spec.name,
+        "image_id": resolved.image.id,
+        "registry": registry.to_lock() if registry is not None else None,
+        "layers": [p.to_dict() for p in planned],
+        "laptop_bytes": sum(p.size for p in laptop),
+        "registry_bytes": sum(p.fetch_bytes for p in planned if p.source != SOURCE_LAPTOP),
+        "image_bytes": sum(p.size for p in planned),
+    }
+
+
+def plan_lines(plan: dict) -> list[str]:
+    """The plan as a table and a closing line, for the terminal."""
+    rows = [f"{'LAYER':<14}{'SIZE':>12}  {'SOURCE':<24}{'BLOB':>12}"]
+    for layer in plan["layers"]:
+        blob = _mb(layer["fetch_bytes"]) if layer["fetch_bytes"] else "-"
+        short = layer["diff_id"].removeprefix("sha256:")[:12]
+        rows.append(f"{short:<14}{_mb(layer['size']):>12}  {layer['source']:<24}{blob:>12}")
+    share = 100 * plan["laptop_bytes"] / plan["image_bytes"] if plan["image_bytes"] else 0
+    rows.append(
+        f"the laptop sends {_mb(plan['laptop_bytes'])} ({share:.1f}% of the image, before compression);"
+        f" the instance fetches {_mb(plan['registry_bytes'])} from a registry;"
+        " layers already on the instance are skipped at sync"
+    )
+    return rows
+
+
+def _mb(count: int) -> str:
+    return f"{count / 1e6:.1f} MB"
 
 
 def local_image_id(image: str) -> str:
@@ -167,6 +235,7 @@ def sync_image(
     *,
     accept_new_host_key: bool = False,
     progress: Progress | None = None,
+    registry: RegistrySource | None = None,
 ) -> SyncResult:
     """Send what the host lacks of the image, load or unpack it there, and verify its ID.
 
@@ -181,6 +250,8 @@ def sync_image(
         note(f"reading the layers of {image_id} from the local engine")
         layers = image_layers(image_id)
         note(f"syncing to {target.host} ({runtime.name} runtime, data in {target.data_dir})")
-        report = runtime.prepare_image(layers, progress)  # checks the image ID on the host
+        report = runtime.prepare_image(layers, progress, registry, note)  # checks the image ID on the host
+        for line in report.notes:
+            note(line)
     report = replace(report, seconds=round(time.monotonic() - started, 3))
     return SyncResult(report, runtime.name, target.host)

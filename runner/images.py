@@ -13,10 +13,14 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from runner.errors import BadInput, ProviderFailure, RunFailed
 from runner.files import write_json_atomic
 from runner.spec import LoadedSpec
+
+if TYPE_CHECKING:
+    from runner.layer_sources import RegistrySource
 
 LogSink = Callable[[str], None]
 
@@ -208,8 +212,9 @@ def lock_path(loaded: LoadedSpec) -> Path:
     return loaded.path.with_name(loaded.path.stem + ".lock.json")
 
 
-def write_lock(loaded: LoadedSpec, resolved: ResolvedImage) -> Path:
-    """Record the images a job resolved to next to its spec (atomically)."""
+def write_lock(loaded: LoadedSpec, resolved: ResolvedImage, registry: RegistrySource | None = None) -> Path:
+    """Record the images a job resolved to next to its spec (atomically), and the manifest
+    digest its base resolved to at the registry (when it was looked up there)."""
     path = lock_path(loaded)
     payload = {
         "job": loaded.spec.name,
@@ -217,6 +222,7 @@ def write_lock(loaded: LoadedSpec, resolved: ResolvedImage) -> Path:
         "image": asdict(resolved.image),
         "base": asdict(resolved.base) if resolved.base else None,
         "build_args": resolved.build_args,
+        "registry": registry.to_lock() if registry is not None else None,
     }
     write_json_atomic(path, payload)
     return path

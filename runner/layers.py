@@ -26,7 +26,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, NamedTuple
@@ -37,7 +37,9 @@ from runner.home import private_dir, runner_home
 from runner.remote import check_remote_path, sha256_argv
 
 if TYPE_CHECKING:
+    from runner.layer_sources import RegistrySource
     from runner.remote import RemoteHost
+    from runner.steps import DetachedSteps
 
 LayerProgress = Callable[[str, int, int], None]  # (diffID, bytes done, bytes total) of one upload
 
@@ -206,13 +208,15 @@ def image_layers(image: str, cache: LayerCache | None = None) -> ImageLayers:
 
 
 def prepare_for_transfer(
-    image: str, codec: Codec = Codec.GZIP, cache: LayerCache | None = None
+    image: str, codec: Codec = Codec.GZIP, cache: LayerCache | None = None, skip: frozenset[str] = frozenset()
 ) -> ImageLayers:
     """Read the image's layers and compress them now, before an instance is booted and billed
-    while the laptop compresses (gzip: what a host with only python3 can read)."""
+    while the laptop compresses (gzip: what a host with only python3 can read). Layers in skip
+    (a registry serves them to the instance) are compressed only if a fetch falls back."""
     layers = image_layers(image, cache)
     for diff_id in dict.fromkeys(layers.diff_ids):
-        compress_layer(layers.cache, diff_id, codec)
+        if diff_id not in skip:
+            compress_layer(layers.cache, diff_id, codec)
     return layers
 
 
@@ -443,8 +447,10 @@ def plan_sync(local: ImageLayers, remote_present: set[str]) -> SyncPlan:
 
 @dataclass(frozen=True)
 class SyncReport:
-    """What a sync did. bytes_sent counts bytes on the wire (compressed, resumed parts not
-    counted twice); bytes_skipped the uncompressed size of the layers the host already had."""
+    """What a sync did. bytes_sent counts bytes on the wire from the laptop (compressed,
+    resumed parts not counted twice); bytes_fetched what the host fetched from a registry;
+    bytes_skipped the uncompressed size of the layers the host already had. sources says, per
+    layer, where it came from: "instance", "laptop" or the registry that served it."""
 
     image_id: str
     codec: str
@@ -453,6 +459,10 @@ class SyncReport:
     bytes_sent: int
     bytes_skipped: int
     seconds: float
+    fetched: tuple[str, ...] = ()
+    bytes_fetched: int = 0
+    sources: dict[str, str] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()  # why a layer or a registry fell back, one line each
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -462,7 +472,8 @@ class SyncReport:
         """The report for a host that already had the whole image."""
         unique = tuple(dict.fromkeys(image.diff_ids))
         skipped = sum(image.size_of(diff_id) for diff_id in unique)
-        return cls(image.image_id, codec, (), unique, 0, skipped, 0.0)
+        sources = dict.fromkeys(unique, "instance")
+        return cls(image.image_id, codec, (), unique, 0, skipped, 0.0, sources=sources)
 
 
 def sync_layers(
@@ -473,11 +484,20 @@ def sync_layers(
     *,
     verify: bool = False,
     needed: set[str] | None = None,
+    registry: RegistrySource | None = None,
+    steps: DetachedSteps | None = None,
+    note: Callable[[str], None] | None = None,
 ) -> SyncReport:
-    """Put the image's layers into the host's layer cache, sending only the missing ones, then
-    its config and a manifest of its diffIDs in order. needed limits the layers the cache must
-    hold (default: all); the others (say, layers the host's Docker engine has) count as skipped.
-    With verify, the layers the host claims are hashed first and corrupt ones are sent again."""
+    """Put the image's layers into the host's layer cache, then its config and a manifest of
+    its diffIDs in order. Layers the cache has are skipped; with a registry (and the host's
+    steps to run the fetcher), those it serves are fetched by the host while the laptop sends
+    the rest, and any the host could not fetch are sent from the laptop afterwards.
+
+    needed limits the layers the cache must hold (default: all); the others (say, layers the
+    host's Docker engine has) count as skipped. With verify, the layers the host claims are
+    hashed first and corrupt ones are replaced."""
+    from runner import layer_fetch, link_speeds
+
     started = time.monotonic()
     layout = RemoteLayout.at(data_dir)
     choice = choose_codec(local_has_zstd(), remote_tools(host))
@@ -487,26 +507,79 @@ def sync_layers(
         present = {d for d in present if verify_remote_layer(host, layout.data_dir, d)}
     present |= set(image.diff_ids) - wanted
     plan = plan_sync(image, present)
-    # Compression runs ahead in a thread (zlib and zstd release the GIL) while uploads go out.
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compress")
-    try:
-        packed = [pool.submit(compress_layer, image.cache, e.diff_id, choice.codec) for e in plan.send]
-        sent = sum(
-            _send_layer(host, layout, entry, future.result(), choice, progress)
-            for entry, future in zip(plan.send, packed, strict=True)
+    servable = registry.blobs if registry is not None and steps is not None else {}
+    fetch_entries = [e for e in plan.send if e.diff_id in servable]
+    send_entries = [e for e in plan.send if e.diff_id not in servable]
+    routes = link_speeds.Routes(host.endpoint.address, registry.name if registry else None)
+    if note is not None and plan.send:
+        note(
+            routes.plan_line(
+                sum(e.size for e in send_entries), sum(servable[e.diff_id].size for e in fetch_entries)
+            )
         )
-    finally:
-        pool.shutdown(cancel_futures=True)
+    fetch = (
+        layer_fetch.start(steps, layout, registry, [e.diff_id for e in fetch_entries])
+        if fetch_entries
+        else None
+    )
+    sent = _send_layers(host, layout, image, send_entries, choice, progress, routes)
+    notes: list[str] = []
+    sources = {e.diff_id: "instance" for e in plan.skip} | {e.diff_id: "laptop" for e in send_entries}
+    fetched: dict[str, str] = {}
+    bytes_fetched = 0
+    if fetch is not None:
+        outcome = layer_fetch.finish(steps, fetch, progress)
+        routes.measured_fetch(outcome.bytes_fetched, outcome.seconds)
+        fetched, bytes_fetched = outcome.fetched, outcome.bytes_fetched
+        notes += [f"registry {reason}" for reason in outcome.dropped]
+        notes += [
+            f"layer {d.removeprefix('sha256:')[:12]}: {why}; sent from the laptop"
+            for d, why in outcome.missing.items()
+        ]
+        fallback = [e for e in fetch_entries if e.diff_id in outcome.missing]
+        sent += _send_layers(host, layout, image, fallback, choice, progress, routes)
+        sources |= fetched | {e.diff_id: "laptop" for e in fallback}
     sent += _send_image_files(host, image, layout)
     return SyncReport(
         image_id=image.image_id,
         codec=choice.codec.value,
-        sent=tuple(e.diff_id for e in plan.send),
+        sent=tuple(d for d, where in sources.items() if where == "laptop"),
         skipped=tuple(e.diff_id for e in plan.skip),
         bytes_sent=sent,
         bytes_skipped=plan.bytes_skipped,
         seconds=round(time.monotonic() - started, 3),
+        fetched=tuple(fetched),
+        bytes_fetched=bytes_fetched,
+        sources={d: sources[d] for d in dict.fromkeys(image.diff_ids) if d in sources},
+        notes=tuple(notes),
     )
+
+
+def _send_layers(
+    host: RemoteHost,
+    layout: RemoteLayout,
+    image: ImageLayers,
+    entries: list[LayerEntry],
+    choice: CodecChoice,
+    progress: LayerProgress | None,
+    routes,
+) -> int:
+    """Send layers from the laptop, compressing each ahead in a thread (zlib and zstd release
+    the GIL) while the previous one goes out; the bytes sent."""
+    if not entries:
+        return 0
+    started = time.monotonic()
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compress")
+    try:
+        packed = [pool.submit(compress_layer, image.cache, e.diff_id, choice.codec) for e in entries]
+        sent = sum(
+            _send_layer(host, layout, entry, future.result(), choice, progress)
+            for entry, future in zip(entries, packed, strict=True)
+        )
+    finally:
+        pool.shutdown(cancel_futures=True)
+    routes.measured_upload(sent, time.monotonic() - started)
+    return sent
 
 
 def _send_layer(

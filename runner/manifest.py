@@ -74,7 +74,7 @@ def write(ctx: RunContext, run: Run, phases: list[Phase]) -> Path:
             "instance_id": ctx.instance_id,
             "instance_created": ctx.instance_created if ctx.instance_id else None,
         },
-        "image": ctx.image.to_dict() if ctx.image else None,
+        "image": _image(ctx),
         "inputs": [asdict(item) for item in ctx.inputs],
         "downloads": json_lines(ctx.run_dir / DOWNLOADS),
         "trainer": {key: _read_json(ctx.run_dir / name) for key, name in TRAINER_FILES.items()},
@@ -97,6 +97,29 @@ def write(ctx: RunContext, run: Run, phases: list[Phase]) -> Path:
     write_json_atomic(path, payload)
     ctx.store.put_manifest(run.id, payload)
     return path
+
+
+def _image(ctx) -> dict | None:
+    """The image, its base at the registry, and where each layer came from at the last sync
+    (diffID, source: "instance", "laptop" or a registry, and the registry's blob digest)."""
+    if ctx.image is None:
+        return None
+    synced = [event.data for event in ctx.store.events(ctx.run.id) if event.kind == "image.synced"]
+    sources = synced[-1].get("sources", {}) if synced else {}
+    blobs = ctx.registry.blobs if ctx.registry is not None else {}
+    return {
+        **ctx.image.to_dict(),
+        "registry": ctx.registry.to_lock() if ctx.registry is not None else None,
+        "layer_sources": [
+            {"diff_id": diff_id, "source": where, "blob": _fetched_blob(blobs, diff_id, where)}
+            for diff_id, where in sources.items()
+        ],
+    }
+
+
+def _fetched_blob(blobs: dict, diff_id: str, where: str) -> str | None:
+    """The registry blob a layer was fetched as (None when the laptop sent it or the host had it)."""
+    return blobs[diff_id].digest if where not in ("instance", "laptop") and diff_id in blobs else None
 
 
 def final_metrics(path: Path) -> dict:

@@ -37,6 +37,7 @@ from runner.errors import (
 )
 from runner.files import sha256_file, write_json_atomic
 from runner.images import ResolvedImage, resolve_image, write_lock
+from runner.layer_sources import RegistrySource, resolve_source
 from runner.manifest import Artifact, InputRecord
 from runner.spec import LoadedSpec, load_spec
 from runner.store import Phase, Run, Store, open_store
@@ -60,6 +61,7 @@ class RunContext:
     instance_id: str | None = None  # the rented instance, once acquired
     instance_created: bool = False
     image: ResolvedImage | None = None
+    registry: RegistrySource | None = None  # where the host may fetch the image's public layers
     inputs: list[InputRecord] = field(default_factory=list)
     artifacts: list[Artifact] = field(default_factory=list)
     failed: bool = False
@@ -388,13 +390,31 @@ def _plan(ctx: RunContext) -> None:
             f" {ctx.pinned.image_id[:19]}; restore the image to resume, or submit a new run"
         )
     ctx.store.add_event(ctx.run.id, "image.resolved", id=ctx.image.image.id, ref=ctx.image.image.ref)
+    if ctx.provider.capabilities.ships_image:
+        ctx.registry = _resolve_registry(ctx)
     if ctx.loaded.spec.image.build is not None:
-        write_lock(ctx.loaded, ctx.image)
+        write_lock(ctx.loaded, ctx.image, ctx.registry)
     if ctx.provider.capabilities.instances:
         from runner.layers import prepare_for_transfer
 
         ctx.reporter.info("reading and compressing the image's layers before any instance is billed")
-        prepare_for_transfer(ctx.image.image.id)
+        prepare_for_transfer(
+            ctx.image.image.id, skip=frozenset(ctx.registry.blobs) if ctx.registry else frozenset()
+        )
+
+
+def _resolve_registry(ctx: RunContext) -> RegistrySource | None:
+    """The base image as its registry serves it, so the host fetches those layers itself."""
+    built_from = ctx.image.base.ref if ctx.image.base else None
+    found = resolve_source(ctx.loaded.spec.image, built_from, ctx.provider.type, ctx.reporter.warn)
+    if found is not None:
+        served = sum(1 for diff_id in dict.fromkeys(ctx.image.image.layers) if diff_id in found.blobs)
+        ctx.reporter.info(
+            f"base image {found.ref} ({found.manifest_digest[:19]}, at {found.resolved_at}):"
+            f" {served} of {len(set(ctx.image.image.layers))} layers can come from a registry"
+        )
+        ctx.store.add_event(ctx.run.id, "image.registry", **found.to_lock(), layers_served=served)
+    return found
 
 
 def _provision(ctx: RunContext) -> None:
@@ -430,7 +450,7 @@ def _open_host(ctx: RunContext, mode: PowerMode | None, *, with_image: bool) -> 
         instance = _boot(ctx, mode or _running_mode(ctx) or _setup_mode(ctx))
     ctx.host = ctx.provider.open_host(ctx.run.id, instance)
     if with_image:
-        ctx.host.ensure_image(ctx.image.image.id, ctx.reporter.progress)
+        _ensure_image(ctx)
     return ctx.host
 
 
@@ -471,11 +491,15 @@ def _note_balance(ctx: RunContext, when: str) -> None:
             ctx.store.add_event(ctx.run.id, f"balance.{when}", value=value)
 
 
+def _ensure_image(ctx: RunContext) -> None:
+    ctx.host.ensure_image(ctx.image.image.id, ctx.reporter.progress, ctx.registry, ctx.reporter.info)
+
+
 def _stage(ctx: RunContext) -> None:
     """Ship the image, inputs and job files to the host (opened here unless provision did), then
     run the setup steps."""
     _open_host(ctx, _setup_mode(ctx), with_image=False)
-    ctx.host.ensure_image(ctx.image.image.id, ctx.reporter.progress)
+    _ensure_image(ctx)
     ctx.host.put_job_file("job.yaml", ctx.loaded.text.encode("utf-8"))
     resolved = ctx.loaded.spec.model_dump(mode="json")
     ctx.host.put_job_file("spec.json", json.dumps(resolved, indent=2, ensure_ascii=False).encode("utf-8"))

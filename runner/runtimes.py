@@ -13,7 +13,7 @@ import json
 import logging
 import re
 import secrets
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, Protocol
@@ -24,6 +24,7 @@ from runner.remote import RemoteHost
 from runner.steps import DetachedSteps, StepHandle, StepStatus, absolute_folder, step_folder
 
 if TYPE_CHECKING:
+    from runner.layer_sources import RegistrySource
     from runner.spec import StepLimits
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,13 @@ class Runtime(Protocol):
 
     name: str
 
-    def prepare_image(self, layers: ImageLayers, progress: LayerProgress | None = None) -> SyncReport:
+    def prepare_image(
+        self,
+        layers: ImageLayers,
+        progress: LayerProgress | None = None,
+        registry: RegistrySource | None = None,
+        note: Callable[[str], None] | None = None,
+    ) -> SyncReport:
         """Send what the host lacks of the image and make it runnable there."""
 
     def start_step(
@@ -131,10 +138,18 @@ class RootfsRuntime(DetachedSteps):
         self._probe: str | None = None
         self._prepared: tuple[str, dict] | None = None  # the rootfs and the image config
 
-    def prepare_image(self, layers: ImageLayers, progress: LayerProgress | None = None) -> SyncReport:
+    def prepare_image(
+        self,
+        layers: ImageLayers,
+        progress: LayerProgress | None = None,
+        registry: RegistrySource | None = None,
+        note: Callable[[str], None] | None = None,
+    ) -> SyncReport:
         """Send the layers the host's cache lacks, then unpack them (unless already unpacked).
         The cache's files are named by their diffIDs, verified on receipt, so not hashed again."""
-        report = sync_layers(self.host, layers, self.data_dir, progress)
+        report = sync_layers(
+            self.host, layers, self.data_dir, progress, registry=registry, steps=self, note=note
+        )
         layout = RemoteLayout.at(self.data_dir)
         tars = [layout.layer(d) for d in layers.diff_ids]
         rootfs = self.prepare(layers.image_id, tars, [digest_hex(d) for d in layers.diff_ids])

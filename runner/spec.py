@@ -66,6 +66,22 @@ ImageRef = Annotated[
 ImageTag = Annotated[
     str, _matching(r"[a-z0-9][a-z0-9._/-]{0,127}(:[\w.-]{1,128})?", "an image tag like name:tag")
 ]
+RegistryHost = Annotated[
+    str, _matching(r"[A-Za-z0-9.-]{1,253}(:[0-9]{1,5})?", "a registry host like registry.example.com:5000")
+]
+BaseRef = Annotated[
+    str,
+    _matching(
+        r"([A-Za-z0-9.-]{1,253}(:[0-9]{1,5})?/)?[a-z0-9]+([._/-][a-z0-9]+)*(:[\w.-]{1,128})?(@sha256:[0-9a-f]{64})?",
+        "an image reference like pytorch/pytorch:2.5.1 or registry.example.com/name@sha256:<digest>",
+    ),
+]
+MirrorUrl = Annotated[
+    str,
+    _matching(
+        r"https?://[A-Za-z0-9.-]{1,253}(:[0-9]{1,5})?/?", "a registry URL like https://mirror.example.com"
+    ),
+]
 Currency = Annotated[str, _matching(r"[A-Z]{3}", "a 3-letter currency code like CNY")]
 Script = Annotated[str, StringConstraints(min_length=1, max_length=65536)]
 Money = Annotated[float, Field(ge=0, le=1e9)]
@@ -295,11 +311,31 @@ class ImageBuild(Strict):
         return self
 
 
+class ImageRegistry(Strict):
+    """Where the instance fetches the image's public layers itself, so that only the layers no
+    registry has travel from the laptop (see docs/remote.md, "Layer sources")."""
+
+    enabled: bool = True
+    base: BaseRef | None = None  # default: the Dockerfile's FROM, or image.ref
+    mirrors: list[MirrorUrl] = Field(default_factory=list, max_length=16)  # tried first, in order
+    insecure: list[RegistryHost] = Field(default_factory=list, max_length=16)  # plain-HTTP registries
+    username_env: EnvName | None = None
+    password_env: EnvName | None = None
+    parallel: int = Field(4, ge=1, le=16)  # layers fetched at once
+
+    @model_validator(mode="after")
+    def _credentials_in_pairs(self) -> ImageRegistry:
+        if (self.username_env is None) != (self.password_env is None):
+            raise ValueError("give both username_env and password_env, or neither")
+        return self
+
+
 class ImageSpec(Strict):
     """Either build from a Dockerfile or use an image pinned by digest (exactly one)."""
 
     build: ImageBuild | None = None
     ref: ImageRef | None = None
+    registry: ImageRegistry = Field(default_factory=ImageRegistry)
 
     @model_validator(mode="after")
     def _exactly_one(self) -> ImageSpec:

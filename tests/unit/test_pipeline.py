@@ -35,7 +35,7 @@ class FailingHost:
         self.error = error
         self.closed_with: dict | None = None
 
-    def ensure_image(self, image_id: str, progress=None) -> None:
+    def ensure_image(self, image_id: str, progress=None, registry=None, note=None) -> None:
         pass
 
     def put_job_file(self, name: str, content: bytes) -> None:
