@@ -114,7 +114,7 @@ def _record(event: dict, outcome: FetchOutcome, errors: list[str], progress) -> 
     elif kind == "missing":
         outcome.missing[event["diff_id"]] = event["reason"]
     elif kind == "dropped":
-        outcome.dropped.append(f"{event['source']}: {event['reason']}")
+        outcome.dropped.append(f"{event['source']} {event['reason']}")
     elif kind == "error":
         errors.append(event["reason"])
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 from runner.errors import BadInput
 from runner.remote_scripts import registry_fetch
@@ -46,7 +46,6 @@ class RegistrySource:
     username_env: str | None = None
     password_env: str | None = None
     parallel: int = 4
-    dropped: tuple[str, ...] = field(default=())  # sources that failed to resolve, with why
 
     @property
     def name(self) -> str:
@@ -118,6 +117,8 @@ def resolve_source(
     except registry_fetch.RegistryError as exc:
         note(f"{exc}: the laptop sends every layer")
         return None
+    for dropped in found["dropped"]:
+        note(f"registry {dropped['source']} {dropped['reason']}; the next source answered")
     return RegistrySource(
         ref=ref,
         repository=found["repository"],
@@ -132,7 +133,6 @@ def resolve_source(
         username_env=settings.username_env,
         password_env=settings.password_env,
         parallel=settings.parallel,
-        dropped=tuple(f"{d['source']}: {d['reason']}" for d in found["dropped"]),
     )
 
 

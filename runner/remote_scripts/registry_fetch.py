@@ -63,6 +63,7 @@ _lock = threading.Lock()
 
 class RegistryError(Exception):
     """A source cannot serve what was asked (unreachable, missing, refusing): try the next.
+    Its message reads after the source's name ("cannot be reached: ...").
     transient: the source could not be reached (worth a retry if it was serving a moment ago)."""
 
     def __init__(self, message: str, transient: bool = False) -> None:
@@ -148,7 +149,7 @@ class Registry:
                 raise self._refused()
         if status >= 400:
             response.close()
-            raise RegistryError(f"{self.name} answered HTTP {status} for {path}", transient=status >= 500)
+            raise RegistryError(f"answered HTTP {status} for {path}", transient=status >= 500)
         return status, response
 
     def _open(self, url: str, headers: dict, hops: int = 5) -> tuple:
@@ -163,7 +164,7 @@ class Registry:
             except urllib.error.HTTPError as exc:
                 response, status = exc, exc.code
             except (OSError, ValueError) as exc:
-                raise RegistryError(f"{self.name} cannot be reached: {_why(exc)}", transient=True) from None
+                raise RegistryError(f"cannot be reached: {_why(exc)}", transient=True) from None
             if status not in (301, 302, 303, 307, 308):
                 return status, response
             location = response.headers.get("Location", "")
@@ -171,7 +172,7 @@ class Registry:
             url = urllib.parse.urljoin(url, location)
             if urllib.parse.urlsplit(url).netloc != origin:
                 headers = {k: v for k, v in headers.items() if k != "Authorization"}
-        raise RegistryError(f"{self.name}: too many redirects")
+        raise RegistryError("too many redirects")
 
     def _authorize(self, challenge: str, repository: str) -> str:
         """The Authorization value the challenge asks for: Basic with the credentials, or a
@@ -179,12 +180,10 @@ class Registry:
         scheme, _, rest = challenge.partition(" ")
         if scheme.lower() == "basic":
             if not self.credentials:
-                raise RegistryError(
-                    f"{self.name} needs credentials (set REGISTRY_USER and REGISTRY_PASSWORD)"
-                )
+                raise RegistryError("needs credentials (set REGISTRY_USER and REGISTRY_PASSWORD)")
             return "Basic " + _basic(self.credentials)
         if scheme.lower() != "bearer":
-            raise RegistryError(f"{self.name} asks for unknown authentication {scheme!r}")
+            raise RegistryError(f"asks for unknown authentication {scheme!r}")
         params = dict(_PARAM.findall(rest))
         query = {
             "service": params.get("service", ""),
@@ -198,14 +197,12 @@ class Registry:
             raise self._refused()
         if status >= 400:
             response.close()
-            raise RegistryError(
-                f"token service of {self.name} answered HTTP {status}", transient=status >= 500
-            )
+            raise RegistryError(f"its token service answered HTTP {status}", transient=status >= 500)
         with response:
             body = json.loads(response.read().decode() or "{}")
         token = body.get("token") or body.get("access_token")
         if not token:
-            raise RegistryError(f"token service of {self.name} gave no token")
+            raise RegistryError("its token service gave no token")
         return "Bearer " + token
 
     def _refused(self) -> Exception:
@@ -213,7 +210,7 @@ class Registry:
             return CredentialsRefused(
                 f"registry {self.name} refused the credentials in REGISTRY_USER/REGISTRY_PASSWORD"
             )
-        return RegistryError(f"{self.name} refused anonymous access (give credentials)")
+        return RegistryError("refused anonymous access (give credentials)")
 
     # -- the API -------------------------------------------------------------------------
 
@@ -226,7 +223,7 @@ class Registry:
             media_type = response.headers.get("Content-Type", "").split(";")[0].strip()
         digest = "sha256:" + hashlib.sha256(body).hexdigest()
         if _DIGEST.fullmatch(reference) and digest != reference:
-            raise RegistryError(f"{self.name} served manifest {digest} for {reference}")
+            raise RegistryError(f"served manifest {digest} for {reference}")
         return body, json.loads(body).get("mediaType") or media_type, digest
 
     def blob_bytes(self, repository: str, digest: str, limit: int = 64 << 20) -> bytes:
@@ -235,7 +232,7 @@ class Registry:
         with response:
             body = response.read(limit + 1)
         if len(body) > limit or "sha256:" + hashlib.sha256(body).hexdigest() != digest:
-            raise RegistryError(f"{self.name} served a config that does not hash to {digest}")
+            raise RegistryError(f"served a config that does not hash to {digest}")
         return body
 
 
@@ -267,7 +264,7 @@ def resolve(ref: str, sources: list, credentials: tuple | None = None, platform:
             dropped.append({"source": registry.name, "reason": str(exc)})
             continue
         return {**image, "ref": ref, "repository": repository, "source": registry.name, "dropped": dropped}
-    reasons = "; ".join(d["reason"] for d in dropped) or "no source given"
+    reasons = "; ".join(f"{d['source']} {d['reason']}" for d in dropped) or "no source given"
     raise RegistryError(f"no registry could resolve {ref}: {reasons}")
 
 
@@ -277,7 +274,7 @@ def _resolve_at(registry: Registry, repository: str, reference: str, platform: s
     if media_type in INDEX_TYPES:
         chosen = _for_platform(manifest, platform)
         if chosen is None:
-            raise RegistryError(f"{registry.name}: {repository}:{reference} has no {platform} image")
+            raise RegistryError(f"{repository}:{reference} has no {platform} image")
         body, media_type, digest = registry.manifest(repository, chosen)
         manifest = json.loads(body)
     config_digest = manifest["config"]["digest"]
@@ -285,9 +282,7 @@ def _resolve_at(registry: Registry, repository: str, reference: str, platform: s
     diff_ids = config["rootfs"]["diff_ids"]
     layers = manifest["layers"]
     if len(diff_ids) != len(layers):
-        raise RegistryError(
-            f"{registry.name}: {repository} lists {len(layers)} layers, its config {len(diff_ids)}"
-        )
+        raise RegistryError(f"{repository} lists {len(layers)} layers, its config {len(diff_ids)}")
     return {
         "manifest_digest": digest,
         "config_digest": config_digest,
@@ -420,7 +415,7 @@ def _pause(failures: int, registry: Registry, layer: dict, exc: BaseException) -
     """Wait before resuming a cut transfer (0.5, 1, 2, 4 s); give the source up after RETRIES."""
     failures += 1
     if failures > RETRIES:
-        raise RegistryError(f"{registry.name} kept dropping {layer['digest']}: {_why(exc)}") from None
+        raise RegistryError(f"kept dropping {layer['digest']}: {_why(exc)}") from None
     time.sleep(min(2**failures * 0.25, 5))
     return failures
 

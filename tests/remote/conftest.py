@@ -217,3 +217,35 @@ def vm_host(root_key, tmp_path_factory):
         pytest.fail(str(exc))
     yield host
     host.stop()
+
+
+class RegistryStorage:
+    """A registry's storage folder for the session; images are pushed into it once each, through
+    a loopback registry started for the push (the local engine trusts loopback registries)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.path = folder / "storage"
+        self.path.mkdir()
+        self._pushed: set[tuple[str, str]] = set()
+
+    def push(self, image: str, repository: str) -> None:
+        from tests.remote import registry_server
+
+        if (image, repository) in self._pushed:
+            return
+        pusher = registry_server.start_local(self.folder, self.path)
+        try:
+            registry_server.push(image, pusher, repository)
+        finally:
+            pusher.stop()
+        self._pushed.add((image, repository))
+
+
+@pytest.fixture(scope="session")
+def registry_storage(tmp_path_factory) -> RegistryStorage:
+    from tests.remote import registry_server
+
+    if not registry_server.available():
+        pytest.fail("registry tests need docker-registry; run scripts/ensure-test-hosts")
+    return RegistryStorage(tmp_path_factory.mktemp("registry"))

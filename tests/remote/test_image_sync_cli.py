@@ -219,3 +219,76 @@ def test_docker_variant_sends_one_layer_and_the_engine_has_it(docker_syncs, vm_h
     variant = docker_syncs["variant"]
     assert variant["sent"] == [diff_ids[-1]] and 0 < variant["bytes_sent"] < 10_000
     assert engine_image_id(vm_host, image_id) == image_id
+
+
+# -- layer sources: a registry the laptop reaches and the host does not ---------------------------
+
+
+@pytest.fixture(scope="module")
+def loopback_registry(registry_storage, tmp_path_factory):
+    """A registry on this machine's 127.0.0.1 holding the test base image: the laptop resolves
+    the base there, but for the container host 127.0.0.1 is itself."""
+    from tests.remote import registry_server
+    from tests.remote.conftest import BASE_IMAGE
+
+    registry_storage.push(BASE_IMAGE, "base/bookworm:minbase")
+    server = registry_server.start_local(tmp_path_factory.mktemp("loopback-registry"), registry_storage.path)
+    yield server
+    server.stop()
+
+
+def registry_job(folder: Path, provider: str, image_id: str, registry: str) -> Path:
+    spec = job_spec(folder, provider, image_id)
+    text = spec.read_text(encoding="utf-8").replace(
+        f"  ref: {image_id}\n",
+        f"  ref: {image_id}\n  registry: {{base: '{registry}/base/bookworm:minbase'}}\n",
+    )
+    spec.write_text(text, encoding="utf-8")
+    return spec
+
+
+@integration
+def test_image_plan_shows_which_layers_a_registry_serves(loopback_registry, images, tmp_path):
+    from tests.remote.conftest import BASE_IMAGE
+
+    image_id, diff_ids = local_image(images["first"])
+    _, base_layers = local_image(BASE_IMAGE)
+    spec = registry_job(tmp_path, "  type: local\n", image_id, loopback_registry.host)
+    proc = subprocess.run(
+        [*RUNNER, "image", "plan", str(spec), "--json"],
+        env={**os.environ, "RUNNER_HOME": str(tmp_path)}, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    plan = json.loads(proc.stdout)
+    sources = {layer["diff_id"]: layer["source"] for layer in plan["layers"]}
+    assert sources == {d: loopback_registry.host if d in base_layers else "laptop" for d in diff_ids}
+    assert plan["registry"]["manifest_digest"].startswith("sha256:") and plan["laptop_bytes"] < 1_000_000
+    human = subprocess.run(
+        [*RUNNER, "image", "plan", str(spec)],
+        env={**os.environ, "RUNNER_HOME": str(tmp_path)}, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert human.stdout.splitlines()[0].split() == ["LAYER", "SIZE", "SOURCE", "BLOB"]
+    assert (
+        f"{base_layers[0].removeprefix('sha256:')[:12]}" in human.stdout
+        and "the laptop sends" in human.stdout
+    )
+
+
+@integration
+def test_a_registry_the_host_cannot_reach_falls_back_to_the_laptop(
+    loopback_registry, sshd_host, images, tmp_path
+):
+    image_id, diff_ids = local_image(images["first"])
+    data_dir = f"/root/sync-{secrets.token_hex(4)}"
+    provider = (
+        f"  type: ssh\n  host: 127.0.0.1\n  port: {sshd_host.port}\n  key_file: {sshd_host.root_key}\n"
+        f"  data_dir: {data_dir}\n"
+    )
+    spec = registry_job(tmp_path, provider, image_id, loopback_registry.host)
+    proc = sync(tmp_path, str(spec), "--json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["fetched"] == [] and set(report["sent"]) == set(diff_ids)
+    assert set(report["sources"].values()) == {"laptop"} and report["image_id"] == image_id
+    assert f"registry {loopback_registry.host} cannot be reached" in proc.stderr
+    assert "no registry could serve it; sent from the laptop" in proc.stderr

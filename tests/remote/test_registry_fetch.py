@@ -34,17 +34,10 @@ REPOSITORY = "base/bookworm"
 
 
 @pytest.fixture(scope="module")
-def storage(tmp_path_factory) -> Path:
-    """Registry storage holding the test base image, pushed once through a loopback registry."""
-    folder = tmp_path_factory.mktemp("registry")
-    store = folder / "storage"
-    store.mkdir()
-    pusher = registry_server.start_local(folder, store)
-    try:
-        registry_server.push(BASE_IMAGE, pusher, f"{REPOSITORY}:minbase")
-    finally:
-        pusher.stop()
-    return store
+def storage(registry_storage) -> Path:
+    """Registry storage holding the test base image."""
+    registry_storage.push(BASE_IMAGE, f"{REPOSITORY}:minbase")
+    return registry_storage.path
 
 
 @pytest.fixture(scope="module")

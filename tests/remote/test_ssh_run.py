@@ -8,6 +8,7 @@ second one finds the host key pinned and the layers on the host.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -17,7 +18,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from infra.ssh import SshProvider, _checked_files
 from runner.errors import BadInput, RunFailed, SpecError
 from runner.spec import load_spec
 from runner.store import Store
+from tests.remote import registry_server
 from tests.remote.conftest import BASE_IMAGE, REPO
 
 
@@ -71,10 +73,12 @@ class Target:
     data_dir: str
     exists: Callable[[str], bool]  # whether a path exists on the host
     busy: Callable[[], bool]  # whether a step's `sleep N` is running there (not a launcher's `sleep 0.1`)
+    registry: str  # host:port of a registry both the host and this machine reach
 
 
 @pytest.fixture(scope="module", params=["container", "vm"])
-def ssh_host(request) -> Target:
+def ssh_host(request, registry_storage, tmp_path_factory) -> Target:
+    folder = tmp_path_factory.mktemp(f"registry-{request.param}")
     if request.param == "container":
         host = request.getfixturevalue("start_host")()
 
@@ -82,20 +86,49 @@ def ssh_host(request) -> Target:
             proc = subprocess.run(["docker", "exec", host.container, *argv], capture_output=True, timeout=60)
             return proc.returncode == 0
 
-        return Target(
-            "container", "rootfs", "127.0.0.1", host.port, "/srv/runner-data",
-            exists=lambda path: on_host("test", "-e", path),
-            busy=lambda: on_host("pgrep", "-f", "^sleep [0-9]+$"),
-        )  # fmt: skip
+        # the registry: in a container on a network of the test's own, which the host joins
+        with _container_registry(host.container, registry_storage.path, folder) as registry:
+            yield Target(
+                "container", "rootfs", "127.0.0.1", host.port, "/srv/runner-data",
+                exists=lambda path: on_host("test", "-e", path),
+                busy=lambda: on_host("pgrep", "-f", "^sleep [0-9]+$"), registry=registry.host,
+            )  # fmt: skip
+        return
     vm = request.getfixturevalue("vm_host")
 
     def sleeping_container() -> bool:
         return "sleep" in vm.docker("ps", "--no-trunc", "--format", "{{.Command}}").stdout
 
-    return Target(
-        "vm", "docker", vm.address, vm.port, str(vm.folder / "runner-data"),
-        exists=lambda path: Path(path).exists(), busy=sleeping_container,
-    )  # fmt: skip
+    # the registry: inside the host's network namespace, on its address
+    registry = registry_server.start_in_namespace(folder, registry_storage.path, vm.namespace, vm.address)
+    try:
+        yield Target(
+            "vm", "docker", vm.address, vm.port, str(vm.folder / "runner-data"),
+            exists=lambda path: Path(path).exists(), busy=sleeping_container, registry=registry.host,
+        )  # fmt: skip
+    finally:
+        registry.stop()
+
+
+@contextlib.contextmanager
+def _container_registry(container: str, storage: Path, folder: Path) -> Iterator[registry_server.Registry]:
+    """A Docker network of the test's own with the registry on it, the host container joined."""
+    network = f"runner-reg-{os.getpid()}-{container[-8:]}"
+    subprocess.run(["docker", "network", "create", network], check=True, capture_output=True, timeout=60)
+    registry = None
+    try:
+        subprocess.run(
+            ["docker", "network", "connect", network, container], check=True, capture_output=True, timeout=60
+        )
+        registry = registry_server.start_in_container(folder, storage, network, BASE_IMAGE)
+        yield registry
+    finally:
+        if registry is not None:
+            registry.stop()
+        subprocess.run(
+            ["docker", "network", "disconnect", "-f", network, container], capture_output=True, timeout=60
+        )
+        subprocess.run(["docker", "network", "rm", network], capture_output=True, timeout=60)
 
 
 @pytest.fixture(scope="module")
@@ -340,20 +373,31 @@ def test_runner_stop_ends_a_step_left_running(job_folder, ssh_host, image_id):
 
 
 @whole_run
-def test_smoke_job_over_ssh(job_folder, ssh_host):
-    """The repository's smoke job (trainer image built from this checkout, 1.5 GB) over SSH."""
+def test_smoke_job_over_ssh(job_folder, ssh_host, registry_storage):
+    """The repository's smoke job (trainer image built from this checkout, 1.5 GB) over SSH. Its
+    base (the Dockerfile's FROM) is in a registry the host reaches: the host fetches the base's
+    layers itself, and only the trainer's own layers travel from here."""
+    base = os.environ.get("RUNNER_BASE_TAG", "runner-base/torch-cpu:2.13.0")
+    registry_storage.push(base, base)
+    base_ref = f"{ssh_host.registry}/{base}"
+    subprocess.run(["docker", "tag", base, base_ref], check=True, capture_output=True, timeout=60)
     text = (REPO / "jobs" / "smoke.yaml").read_text(encoding="utf-8")
     provider = (
         f"  type: ssh\n  host: {ssh_host.address}\n  port: {ssh_host.port}\n  key_file: id_ed25519\n"
         f"  data_dir: {ssh_host.data_dir}\n"
     )
     text = text.replace("context: ..", f"context: {REPO}").replace("  type: local\n", provider)
+    text = text.replace(
+        f"BASE_IMAGE: {base}", f"BASE_IMAGE: {base_ref}\n  registry: {{insecure: ['{ssh_host.registry}']}}"
+    )
     spec = job_folder / "smoke.yaml"
     spec.write_text(text.replace("name: smoke", "name: smoke-ssh"), encoding="utf-8")
     try:
         code, payload, stderr = submit(job_folder, spec, timeout=600)
     finally:  # untag the built image (its layers are shared with the local smoke run's)
-        subprocess.run(["docker", "rmi", "runner/smoke-ssh:latest"], capture_output=True, timeout=120)
+        subprocess.run(
+            ["docker", "rmi", "runner/smoke-ssh:latest", base_ref], capture_output=True, timeout=120
+        )
     assert code == 0, stderr[-4000:]
     run_dir = Path(payload["run_dir"])
     artifacts = {a["path"]: a["sha256"] for a in payload["artifacts"]}
@@ -369,6 +413,31 @@ def test_smoke_job_over_ssh(job_folder, ssh_host):
     scores = json.loads((run_dir / "artifacts" / "eval.json").read_text(encoding="utf-8"))
     assert scores["lora"]["loss"] < scores["base"]["loss"]
     assert (run_dir / "metrics.jsonl").is_file()
+    assert_base_layers_came_from_the_registry(job_folder, payload, ssh_host, base, stderr)
+
+
+def assert_base_layers_came_from_the_registry(
+    folder: Path, payload: dict, host: Target, base: str, stderr: str
+) -> None:
+    """Every layer of the base came from the registry (or was on the host); the laptop sent
+    only the trainer's own layers: under 5 % of the image."""
+    [synced] = events(folder, payload["run_id"], "image.synced")
+    image = json.loads((Path(payload["run_dir"]) / "manifest.json").read_text(encoding="utf-8"))["image"]
+    inspect = subprocess.run(
+        ["docker", "image", "inspect", "-f", "{{json .RootFS.Layers}}", base], capture_output=True, text=True
+    )
+    base_layers = json.loads(inspect.stdout)
+    own = [d for d in image["image"]["layers"] if d not in base_layers]
+    sources = synced["sources"]
+    assert {sources[d] for d in base_layers} <= {"instance", host.registry}
+    assert synced["fetched"] and set(synced["fetched"]) <= set(base_layers)
+    assert {sources[d] for d in own} == {"laptop"}
+    assert synced["bytes_sent"] < 0.05 * image["image"]["size"], synced
+    assert image["registry"]["manifest_digest"].startswith("sha256:")
+    recorded = {entry["diff_id"]: entry for entry in image["layer_sources"]}
+    assert {d: recorded[d]["source"] for d in sources} == sources
+    assert all(recorded[d]["blob"].startswith("sha256:") for d in synced["fetched"])
+    assert "the instance fetches" in stderr and "can come from a registry" in stderr
 
 
 # -- without a host -------------------------------------------------------------------
