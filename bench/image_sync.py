@@ -66,13 +66,19 @@ def docker(*args: str, timeout: float = 900) -> str:
 # -- images -------------------------------------------------------------------------------
 
 
-def build_trainer_images(scratch: Path) -> tuple[str, str]:
-    """The trainer image from HEAD's build context, and the same with one line appended to a
-    trainer file (so only the last layer differs). Returns both tags."""
+def trainer_context(scratch: Path) -> Path:
+    """The trainer image's build context as HEAD has it (no stray files from the work tree)."""
     context = scratch / "context"
     context.mkdir()
     archive = subprocess.run(["git", "archive", "HEAD"], cwd=REPO, capture_output=True, check=True).stdout
     subprocess.run(["tar", "-x", "-C", str(context)], input=archive, check=True)
+    return context
+
+
+def build_trainer_images(scratch: Path) -> tuple[str, str]:
+    """The trainer image from HEAD's build context, and the same with one line appended to a
+    trainer file (so only the last layer differs). Returns both tags."""
+    context = trainer_context(scratch)
     base, changed = f"runner-bench/trainer:{scratch.name}-a", f"runner-bench/trainer:{scratch.name}-b"
     docker("build", "-q", "--build-arg", f"BASE_IMAGE={BASE_IMAGE}", "-t", base, str(context))
     with (context / CHANGED_FILE).open("a", encoding="utf-8") as handle:

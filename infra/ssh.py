@@ -231,8 +231,10 @@ class SshHost:
         from runner.layers import image_layers
 
         report = self.runtime.prepare_image(image_layers(image_id), progress, registry, note)
-        for line in report.notes if note is not None else ():
-            note(line)
+        if note is not None:
+            for line in report.notes:
+                note(line)
+            note(f"image ready on {self.login.host} ({self.runtime.name}): {report.summary()}")
         self._store.add_event(self.run_id, "image.synced", runtime=self.runtime.name, **report.to_dict())
 
     def put_input(self, src: Path, dest: str, progress: TransferProgress | None = None) -> str:

@@ -69,15 +69,7 @@ class SyncResult:
         return {**self.report.to_dict(), "runtime": self.runtime, "host": self.host}
 
     def summary(self) -> str:
-        r = self.report
-        fetched = (
-            f" {len(r.fetched)} fetched by the host ({r.bytes_fetched / 1e6:.1f} MB)," if r.fetched else ""
-        )
-        return (
-            f"{self.host} ({self.runtime}): {len(r.sent)} layers sent,{fetched} {len(r.skipped)} skipped,"
-            f" {r.bytes_sent / 1e6:.1f} MB sent, {r.bytes_skipped / 1e6:.1f} MB skipped,"
-            f" {r.seconds:.1f} s; image {r.image_id} verified"
-        )
+        return f"{self.host} ({self.runtime}): {self.report.summary()}; image {self.report.image_id} verified"
 
 
 def parse_host(text: str) -> tuple[str | None, str, int | None]:
@@ -164,8 +156,7 @@ def job_registry(
     """Where the job's base layers can be fetched from (None: the laptop sends them all)."""
     from runner.layer_sources import resolve_source
 
-    built_from = resolved.base.ref if resolved.base else None
-    return resolve_source(loaded.spec.image, built_from, loaded.spec.provider.type, notice)
+    return resolve_source(loaded.spec.image, resolved.base, loaded.spec.provider.type, notice)
 
 
 def layer_plan(argument: str, notice: Callable[[str], None]) -> dict:

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 from runner.errors import BadInput
+from runner.images import ImageInfo
 from runner.remote_scripts import registry_fetch
 
 SOURCE_INSTANCE = "instance"
@@ -70,17 +71,29 @@ class RegistrySource:
         }
 
 
-def base_reference(image_spec, built_from: str | None) -> str | None:
-    """The image whose layers a registry may serve: image.registry.base if given, else the
-    Dockerfile's FROM (built_from), else a pinned image.ref that names a repository."""
-    settings = image_spec.registry
-    if settings.base is not None:
-        return settings.base
-    if built_from is not None:
-        return built_from
+def base_reference(image_spec, base: ImageInfo | None) -> str | None:
+    """The image whose layers a registry may serve: image.registry.base if given; else the base
+    the Dockerfile's FROM named, pinned by the registry digest the engine recorded when it
+    pulled it (a base built or imported locally, with no registry in its name, has none: no
+    registry is asked, nothing leaves this machine for it); else a pinned image.ref."""
+    if image_spec.registry.base is not None:
+        return image_spec.registry.base
+    if base is not None:
+        host, repository, _ = registry_fetch.parse_reference(base.ref)
+        for digest in base.repo_digests:
+            if registry_fetch.parse_reference(digest)[:2] == (host, repository):
+                return digest
+        if _names_registry(base.ref):
+            return base.ref
+        return base.repo_digests[0] if base.repo_digests else None
     if image_spec.ref is not None and "@" in image_spec.ref:
         return image_spec.ref
     return None
+
+
+def _names_registry(ref: str) -> bool:
+    first, slash, _ = ref.partition("/")
+    return bool(slash) and ("." in first or ":" in first or first == "localhost")
 
 
 def source_urls(ref: str, settings, provider_mirrors: list[str]) -> tuple[str, ...]:
@@ -92,16 +105,17 @@ def source_urls(ref: str, settings, provider_mirrors: list[str]) -> tuple[str, .
 
 
 def resolve_source(
-    image_spec, built_from: str | None, provider_type: str, note: Callable[[str], None]
+    image_spec, base: ImageInfo | None, provider_type: str, note: Callable[[str], None]
 ) -> RegistrySource | None:
     """Resolve the base image at its registries, or say in one line why every layer will come
     from the laptop (None). Refused credentials are an error: they will not fix themselves."""
     settings = image_spec.registry
     if not settings.enabled:
         return None
-    ref = base_reference(image_spec, built_from)
+    ref = base_reference(image_spec, base)
     if ref is None:
-        note("no base image in a registry (FROM scratch or a local image): the laptop sends every layer")
+        what = f"base image {base.ref} was made locally" if base is not None else "no base image"
+        note(f"{what} (no registry knows it): the laptop sends every layer")
         return None
     from runner.config import load_user_config
 

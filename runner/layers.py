@@ -467,6 +467,19 @@ class SyncReport:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def summary(self) -> str:
+        """'N layers sent, M fetched by the host (X MB), K skipped, X MB sent, Y MB skipped, T s'."""
+        fetched = (
+            f" {len(self.fetched)} fetched by the host ({self.bytes_fetched / 1e6:.1f} MB),"
+            if self.fetched
+            else ""
+        )
+        return (
+            f"{len(self.sent)} layers sent,{fetched} {len(self.skipped)} skipped,"
+            f" {self.bytes_sent / 1e6:.1f} MB sent, {self.bytes_skipped / 1e6:.1f} MB skipped,"
+            f" {self.seconds:.1f} s"
+        )
+
     @classmethod
     def nothing_sent(cls, image: ImageLayers, codec: str) -> SyncReport:
         """The report for a host that already had the whole image."""

@@ -405,8 +405,7 @@ def _plan(ctx: RunContext) -> None:
 
 def _resolve_registry(ctx: RunContext) -> RegistrySource | None:
     """The base image as its registry serves it, so the host fetches those layers itself."""
-    built_from = ctx.image.base.ref if ctx.image.base else None
-    found = resolve_source(ctx.loaded.spec.image, built_from, ctx.provider.type, ctx.reporter.warn)
+    found = resolve_source(ctx.loaded.spec.image, ctx.image.base, ctx.provider.type, ctx.reporter.info)
     if found is not None:
         served = sum(1 for diff_id in dict.fromkeys(ctx.image.image.layers) if diff_id in found.blobs)
         ctx.reporter.info(

@@ -9,12 +9,14 @@ for itself. Every server binds to one address the test chose; nothing listens el
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -75,13 +77,20 @@ def _htpasswd(folder: Path, user: str, password: str) -> Path:
     return path
 
 
+def _auth(folder: Path, basic_auth: bool) -> tuple[str | None, str | None, Path | None]:
+    """A user, a fresh password and their htpasswd file, or nothing without basic auth."""
+    if not basic_auth:
+        return None, None, None
+    user, password = "tester", secrets.token_urlsafe(12)
+    return user, password, _htpasswd(folder, user, password)
+
+
 def start_local(
     folder: Path, storage: Path, *, basic_auth: bool = False, port: int | None = None
 ) -> Registry:
     """A registry on 127.0.0.1 (a free port unless given) over storage."""
     port = port or _free_port()
-    user, password = ("tester", secrets.token_urlsafe(12)) if basic_auth else (None, None)
-    htpasswd = _htpasswd(folder, user, password) if basic_auth else None
+    user, password, htpasswd = _auth(folder, basic_auth)
     config = _config(folder, storage, f"127.0.0.1:{port}", htpasswd)
     return _spawn([BINARY, "serve", str(config)], f"127.0.0.1:{port}", folder, user, password)
 
@@ -94,13 +103,18 @@ def start_in_namespace(folder: Path, storage: Path, namespace: str, address: str
     return _spawn(argv, f"{address}:{port}", folder)
 
 
-def start_in_container(folder: Path, storage: Path, network: str, image: str) -> Registry:
+def start_in_container(
+    folder: Path, storage: Path, network: str, image: str, *, basic_auth: bool = False
+) -> Registry:
     """A registry in a container on the test's own Docker network (the binary bind-mounted)."""
     name = f"runner-registry-{secrets.token_hex(4)}"
-    config = _config(folder, Path("/var/lib/registry"), ":5000", None)
+    user, password, htpasswd = _auth(folder, basic_auth)
+    inside = Path("/etc/registry-htpasswd") if htpasswd else None
+    config = _config(folder, Path("/var/lib/registry"), ":5000", inside)
+    mounts = ["-v", f"{htpasswd}:{inside}:ro"] if htpasswd else []
     subprocess.run(
         ["docker", "run", "-d", "--name", name, "--network", network,
-         "-v", f"{BINARY}:{BINARY}:ro", "-v", f"{storage}:/var/lib/registry:ro",
+         "-v", f"{BINARY}:{BINARY}:ro", "-v", f"{storage}:/var/lib/registry:ro", *mounts,
          "-v", f"{config}:/etc/registry.yml:ro", image, BINARY, "serve", "/etc/registry.yml"],
         check=True, capture_output=True, timeout=120,
     )  # fmt: skip
@@ -111,9 +125,32 @@ def start_in_container(folder: Path, storage: Path, network: str, image: str) ->
         text=True,
         timeout=60,
     ).stdout.strip()
-    registry = Registry(f"{address}:5000", folder, container=name)
+    registry = Registry(f"{address}:5000", folder, container=name, user=user, password=password)
     _wait(registry)
     return registry
+
+
+@contextlib.contextmanager
+def container_registry(
+    container: str, storage: Path, folder: Path, image: str, *, basic_auth: bool = False
+) -> Iterator[Registry]:
+    """A Docker network of the test's own with a registry on it, the host container joined."""
+    network = f"runner-reg-{secrets.token_hex(4)}"
+    subprocess.run(["docker", "network", "create", network], check=True, capture_output=True, timeout=60)
+    registry = None
+    try:
+        subprocess.run(
+            ["docker", "network", "connect", network, container], check=True, capture_output=True, timeout=60
+        )
+        registry = start_in_container(folder, storage, network, image, basic_auth=basic_auth)
+        yield registry
+    finally:
+        if registry is not None:
+            registry.stop()
+        subprocess.run(
+            ["docker", "network", "disconnect", "-f", network, container], capture_output=True, timeout=60
+        )
+        subprocess.run(["docker", "network", "rm", network], capture_output=True, timeout=60)
 
 
 def _spawn(
@@ -149,7 +186,13 @@ def push(image: str, registry: Registry, repository: str) -> str:
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=600)
         if proc.returncode != 0:
             raise RuntimeError(f"{' '.join(argv)} failed: {proc.stderr.strip()}")
-    subprocess.run(["docker", "rmi", ref], capture_output=True, timeout=60)  # keep the engine's tags tidy
+    # untag, and drop the digest the push recorded: the engine must not remember a registry
+    # that is gone once the test ends (runner would try it for a base built on this image)
+    digests = subprocess.run(
+        ["docker", "image", "inspect", "-f", "{{json .RepoDigests}}", image], capture_output=True, text=True
+    ).stdout
+    ours = [d for d in json.loads(digests or "[]") if d.startswith(f"{registry.host}/")]
+    subprocess.run(["docker", "rmi", ref, *ours], capture_output=True, timeout=60)
     return ref
 
 

@@ -292,3 +292,68 @@ def test_a_registry_the_host_cannot_reach_falls_back_to_the_laptop(
     assert set(report["sources"].values()) == {"laptop"} and report["image_id"] == image_id
     assert f"registry {loopback_registry.host} cannot be reached" in proc.stderr
     assert "no registry could serve it; sent from the laptop" in proc.stderr
+
+
+@integration
+def test_registry_credentials_reach_the_fetch_but_no_log_store_or_process_list(
+    registry_storage, start_host, images, tmp_path
+):
+    """A basic-auth registry the host reaches: the host fetches the base with the job's
+    credentials; the password is in no process's command line while the sync runs, nowhere in
+    the state folder, and the fetcher's private folder is gone afterwards. A wrong password is
+    one line and exit 2, before anything is sent."""
+    import threading
+
+    from tests.remote import registry_server
+    from tests.remote.conftest import BASE_IMAGE
+
+    registry_storage.push(BASE_IMAGE, "base/bookworm:minbase")
+    host = start_host()
+    image_id, diff_ids = local_image(images["first"])
+    _, base_layers = local_image(BASE_IMAGE)
+    with registry_server.container_registry(
+        host.container, registry_storage.path, tmp_path, BASE_IMAGE, basic_auth=True
+    ) as registry:
+        provider = (
+            f"  type: ssh\n  host: 127.0.0.1\n  port: {host.port}\n  key_file: {host.root_key}\n"
+            "  data_dir: /srv/d\n"
+        )
+        spec = registry_job(tmp_path, provider, image_id, registry.host)
+        spec.write_text(
+            spec.read_text(encoding="utf-8").replace(
+                "minbase'}",
+                f"minbase', insecure: ['{registry.host}'], username_env: REG_U, password_env: REG_P}}",
+            ),
+            encoding="utf-8",
+        )
+        wrong = sync(tmp_path, str(spec), env={"REG_U": registry.user, "REG_P": "not-" + registry.password})
+        assert f"registry {registry.host} refused the credentials" in one_error_line(wrong)
+
+        seen: list[str] = []
+        done = threading.Event()
+
+        def watch_processes() -> None:
+            while not done.is_set():
+                seen.append(subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout)
+                done.wait(0.05)
+
+        watcher = threading.Thread(target=watch_processes)
+        watcher.start()
+        try:
+            proc = sync(
+                tmp_path, str(spec), "--json", env={"REG_U": registry.user, "REG_P": registry.password}
+            )
+        finally:
+            done.set()
+            watcher.join()
+        assert proc.returncode == 0, proc.stderr
+        report = json.loads(proc.stdout)
+        assert set(report["fetched"]) == set(base_layers) and report["image_id"] == image_id
+        assert set(report["sent"]) == set(diff_ids) - set(base_layers)
+        assert any("registry_fetch.py" in listing for listing in seen)  # the watch saw the fetch run
+        assert not any(registry.password in listing for listing in seen)
+        for path in tmp_path.rglob("*"):
+            if path.is_file():
+                assert registry.password.encode() not in path.read_bytes(), path
+        leftovers = host.exec("sh", "-c", "ls -A /srv/d/runner/fetch").stdout
+        assert leftovers == "", leftovers

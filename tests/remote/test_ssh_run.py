@@ -8,7 +8,6 @@ second one finds the host key pinned and the layers on the host.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import json
@@ -18,7 +17,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,7 +86,9 @@ def ssh_host(request, registry_storage, tmp_path_factory) -> Target:
             return proc.returncode == 0
 
         # the registry: in a container on a network of the test's own, which the host joins
-        with _container_registry(host.container, registry_storage.path, folder) as registry:
+        with registry_server.container_registry(
+            host.container, registry_storage.path, folder, BASE_IMAGE
+        ) as registry:
             yield Target(
                 "container", "rootfs", "127.0.0.1", host.port, "/srv/runner-data",
                 exists=lambda path: on_host("test", "-e", path),
@@ -108,27 +109,6 @@ def ssh_host(request, registry_storage, tmp_path_factory) -> Target:
         )  # fmt: skip
     finally:
         registry.stop()
-
-
-@contextlib.contextmanager
-def _container_registry(container: str, storage: Path, folder: Path) -> Iterator[registry_server.Registry]:
-    """A Docker network of the test's own with the registry on it, the host container joined."""
-    network = f"runner-reg-{os.getpid()}-{container[-8:]}"
-    subprocess.run(["docker", "network", "create", network], check=True, capture_output=True, timeout=60)
-    registry = None
-    try:
-        subprocess.run(
-            ["docker", "network", "connect", network, container], check=True, capture_output=True, timeout=60
-        )
-        registry = registry_server.start_in_container(folder, storage, network, BASE_IMAGE)
-        yield registry
-    finally:
-        if registry is not None:
-            registry.stop()
-        subprocess.run(
-            ["docker", "network", "disconnect", "-f", network, container], capture_output=True, timeout=60
-        )
-        subprocess.run(["docker", "network", "rm", network], capture_output=True, timeout=60)
 
 
 @pytest.fixture(scope="module")
