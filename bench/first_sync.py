@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 from bench.image_sync import BASE_IMAGE, docker, start_host, trainer_context
-from bench.throttle import Throttle
+from bench.throttle import throttled
 from runner.images import ImageInfo
 from runner.layer_sources import resolve_source
 from runner.layers import LayerCache, image_layers, prepare_for_transfer
@@ -100,8 +100,8 @@ def main() -> None:
             {"ref": "sha256:" + "0" * 64, "registry": {"insecure": [registry.host]}}
         )
         source = resolve_source(spec, ImageInfo(ref=base_ref, id=""), "ssh", print)
-        relay = Throttle(("127.0.0.1", host.port), args.rate_mbit * 1e6)
-        endpoint = Endpoint("127.0.0.1", relay.start(), "root", host.key_file)
+        relay = throttled(host.port, args.rate_mbit * 1e6)
+        endpoint = Endpoint("127.0.0.1", relay.port, "root", host.key_file)
         cache = LayerCache(scratch / "cache")
         prepare_for_transfer(tag, cache=cache)  # the laptop's compression, outside both timings
         rows = {
@@ -110,7 +110,7 @@ def main() -> None:
         }
     finally:
         if relay is not None:
-            relay.stop()
+            relay.close()
         if host is not None:
             subprocess.run(["docker", "rm", "-f", host.container], capture_output=True, timeout=120)
         if registry is not None:

@@ -12,13 +12,19 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
+from collections.abc import Callable
 
 
 class Forwarder:
     """Relays every connection on 127.0.0.1:<port> to 127.0.0.1:<target> until closed."""
 
-    def __init__(self, target_port: int, *, avoid: int | None = None) -> None:
+    def __init__(
+        self, target_port: int, *, avoid: int | None = None, pace: Callable[[bool, int], None] | None = None
+    ) -> None:
+        """pace(upstream, size), if given, is called before each chunk is relayed and may wait:
+        a benchmark holds a link to a rate with it (upstream: client to target)."""
         self.target_port = target_port
+        self.pace = pace
         self._listener = _listen(avoid)
         self.port: int = self._listener.getsockname()[1]
         self._closed = threading.Event()
@@ -47,10 +53,13 @@ class Forwarder:
                 upstream.close()
                 return
             self._sockets.update((client, upstream))
-        threading.Thread(target=_pump, args=(upstream, client), daemon=True).start()
-        _pump(client, upstream)
+        threading.Thread(target=_pump, args=(upstream, client, self._paced(False)), daemon=True).start()
+        _pump(client, upstream, self._paced(True))
         with self._lock:
             self._sockets.difference_update((client, upstream))
+
+    def _paced(self, upstream: bool) -> Callable[[int], None] | None:
+        return None if self.pace is None else (lambda size: self.pace(upstream, size))
 
     def close(self) -> None:
         self._closed.set()
@@ -77,13 +86,15 @@ def _listen(avoid: int | None) -> socket.socket:
     raise OSError("no free loopback port for the SSH forwarder")
 
 
-def _pump(source: socket.socket, sink: socket.socket) -> None:
+def _pump(source: socket.socket, sink: socket.socket, pace: Callable[[int], None] | None = None) -> None:
     """Copy bytes one way until either side closes; then close both."""
     try:
         while True:
             chunk = source.recv(65536)
             if not chunk:
                 break
+            if pace is not None:
+                pace(len(chunk))
             sink.sendall(chunk)
     except OSError:
         pass
