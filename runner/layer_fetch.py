@@ -8,6 +8,7 @@ never on a command line, and that folder is removed when the fetch ends.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import secrets
 import time
@@ -101,6 +102,14 @@ def finish(
         if diff_id not in outcome.fetched:
             outcome.missing.setdefault(diff_id, "the fetcher did not report it")
     return outcome
+
+
+def forget(steps: DetachedSteps, fetch: Fetch) -> None:
+    """After a failed sync: remove the fetch's folder (its command file holds the credentials)
+    and leave the fetch to finish; the next sync finds its layers in the cache (a layer being
+    fetched is locked, so a second fetch waits for it rather than writing it twice)."""
+    with contextlib.suppress(Exception):  # the link may be what failed
+        steps.host.run(["rm", "-rf", "--", fetch.handle.step_dir, fetch.plan_path], timeout=60)
 
 
 def _record(event: dict, outcome: FetchOutcome, errors: list[str], progress) -> None:

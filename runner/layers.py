@@ -535,7 +535,12 @@ def sync_layers(
         if fetch_entries
         else None
     )
-    sent = _send_layers(host, layout, image, send_entries, choice, progress, routes)
+    try:
+        sent = _send_layers(host, layout, image, send_entries, choice, progress, routes)
+    except BaseException:
+        if fetch is not None:
+            layer_fetch.forget(steps, fetch)
+        raise
     notes: list[str] = []
     sources = {e.diff_id: "instance" for e in plan.skip} | {e.diff_id: "laptop" for e in send_entries}
     fetched: dict[str, str] = {}

@@ -11,6 +11,7 @@ mirror is usually far faster than the laptop's uplink, so public base layers com
 only the project's own layers travel from the laptop.
 
 What it guarantees, per layer:
+- a layer is fetched under a lock (`.<hex>.lock`), so two fetches never write the same file;
 - a blob is written to `.<hex>.blob.part` and resumed with an HTTP range after a cut (also by a
   later run); it counts only if its sha256 is the manifest's digest; a mismatch discards it and
   fetches once more, then stops with the registry named (exit 3);
@@ -30,6 +31,7 @@ Progress and outcomes are JSON lines on stdout: {"event": "progress" | "fetched"
 from __future__ import annotations
 
 import base64
+import fcntl
 import gzip
 import hashlib
 import json
@@ -336,6 +338,14 @@ class Sources:
 
 
 def fetch_layer(layer: dict, repository: str, sources: Sources, dest: str) -> None:
+    """Fetch one layer, holding its lock: another fetch of the same layer (a second sync, a
+    fetch left running by an interrupted one) waits, then finds it in the cache."""
+    with open(os.path.join(dest, "." + layer["diff_id"].split(":", 1)[1] + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        _fetch_layer(layer, repository, sources, dest)
+
+
+def _fetch_layer(layer: dict, repository: str, sources: Sources, dest: str) -> None:
     """Fetch one layer from the first source that gives it whole, into dest/<diff hex>.tar."""
     final = os.path.join(dest, layer["diff_id"].split(":", 1)[1] + ".tar")
     if os.path.exists(final):

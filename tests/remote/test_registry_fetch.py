@@ -100,9 +100,10 @@ def test_fetch_writes_each_layer_under_its_verified_diff_id(tmp_path, resolved, 
         {**fetched[0], "diff_id": layer["diff_id"], "source": registry.host, "bytes": layer["size"]}
     ]
     assert tar_sha256(tmp_path, layer["diff_id"]) == layer["diff_id"]
-    assert sorted(p.name for p in (tmp_path / "layers").iterdir()) == [
-        layer["diff_id"].split(":")[1] + ".tar"
-    ]
+    names = sorted(p.name for p in (tmp_path / "layers").iterdir())
+    assert names == sorted(
+        [layer["diff_id"].split(":")[1] + ".tar", "." + layer["diff_id"].split(":")[1] + ".lock"]
+    )
 
 
 def test_an_unreachable_mirror_is_dropped_and_the_next_source_serves(tmp_path, resolved, registry):
@@ -231,3 +232,19 @@ def test_a_base_no_registry_has_means_the_laptop_sends_everything(registry):
     assert resolve_source(spec, None, "ssh", said.append) is None
     assert len(said) == 1 and said[0].startswith(f"no registry could resolve {registry.host}/no/such:image")
     assert said[0].endswith("the laptop sends every layer")
+
+
+def test_two_fetches_of_one_layer_take_turns(tmp_path, resolved, registry):
+    """A second sync (or a fetch an interrupted sync left running) waits for the layer's lock,
+    then finds it in the cache: nothing is written twice, nothing is taken for corrupt."""
+    plan = {"sources": [registry.url], "repository": REPOSITORY, "dest": str(tmp_path / "layers")}
+    (tmp_path / "plan.json").write_text(json.dumps({**plan, "layers": resolved["layers"]}))
+    argv = [sys.executable, str(SCRIPT), str(tmp_path / "plan.json")]
+    both = [subprocess.Popen(argv, stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [proc.communicate(timeout=300)[0] for proc in both]
+    assert [proc.returncode for proc in both] == [0, 0]
+    events = [json.loads(line) for out in outputs for line in out.splitlines()]
+    fetched = sorted(e["source"] for e in events if e["event"] == "fetched")
+    assert fetched == sorted([registry.host, "cache"]) and not [e for e in events if e["event"] == "corrupt"]
+    layer = resolved["layers"][0]
+    assert tar_sha256(tmp_path, layer["diff_id"]) == layer["diff_id"]
