@@ -22,6 +22,7 @@ from runner.spec import ImageSpec
 from tests.remote import registry_server
 from tests.remote.conftest import BASE_IMAGE
 from tests.remote.flaky_proxy import FlakyProxy
+from tests.remote.token_front import TokenFront
 
 pytestmark = [
     pytest.mark.integration,
@@ -69,6 +70,7 @@ def base_id() -> str:
 def fetch(
     tmp_path: Path, sources: list[str], layers: list[dict], env: dict | None = None
 ) -> tuple[int, list[dict]]:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     plan = {"sources": sources, "repository": REPOSITORY, "dest": str(tmp_path / "layers"), "layers": layers}
     (tmp_path / "plan.json").write_text(json.dumps(plan))
     proc = subprocess.run(
@@ -248,3 +250,76 @@ def test_two_fetches_of_one_layer_take_turns(tmp_path, resolved, registry):
     assert fetched == sorted([registry.host, "cache"]) and not [e for e in events if e["event"] == "corrupt"]
     layer = resolved["layers"][0]
     assert tar_sha256(tmp_path, layer["diff_id"]) == layer["diff_id"]
+
+
+@pytest.fixture
+def front(registry):
+    """Docker Hub's habits (a bearer token service, blobs redirected to storage) in front of
+    the real registry."""
+    fronts: list[TokenFront] = []
+
+    def start(credentials: tuple[str, str] | None = None) -> tuple[TokenFront, str]:
+        server = TokenFront(registry.url, credentials)
+        fronts.append(server)
+        return server, server.start()
+
+    yield start
+    for server in fronts:
+        server.stop()
+
+
+def test_bearer_tokens_and_blob_redirects_as_docker_hub_serves_them(tmp_path, front):
+    server, host = front()
+    resolved = registry_fetch.resolve(f"{host}/{REPOSITORY}:minbase", [f"http://{host}"])
+    assert resolved["config_digest"] == base_id()
+    code, events = fetch(tmp_path, [f"http://{host}"], resolved["layers"])
+    assert code == 0, events
+    layer = resolved["layers"][0]
+    assert tar_sha256(tmp_path, layer["diff_id"]) == layer["diff_id"]
+    tokens = [path for name, path, _ in server.seen if name == "front" and path.startswith("/token?")]
+    assert tokens and all("scope=repository%3Abase%2Fbookworm%3Apull" in path for path in tokens)
+    blob_asks = [auth for name, path, auth in server.seen if name == "front" and "/blobs/" in path]
+    assert f"Bearer {server.token}" in blob_asks
+    storage = [auth for name, _, auth in server.seen if name == "storage"]
+    assert storage and storage == [None] * len(storage)  # no credentials followed the redirect
+
+
+def test_a_token_service_refusing_the_credentials_is_a_clear_error(tmp_path, front, resolved):
+    server, host = front(("puller", "right-password"))
+    good = fetch(
+        tmp_path / "good",
+        [f"http://{host}"],
+        resolved["layers"],
+        {"REGISTRY_USER": "puller", "REGISTRY_PASSWORD": "right-password"},
+    )
+    assert good[0] == 0, good[1]
+    code, events = fetch(
+        tmp_path / "bad",
+        [f"http://{host}"],
+        resolved["layers"],
+        {"REGISTRY_USER": "puller", "REGISTRY_PASSWORD": "wrong"},
+    )
+    assert code == 2
+    assert [e["reason"] for e in events if e["event"] == "error"] == [
+        f"registry {host} refused the credentials in REGISTRY_USER/REGISTRY_PASSWORD"
+    ]
+    anonymous = fetch(tmp_path / "anonymous", [f"http://{host}"], resolved["layers"])
+    assert anonymous[0] == 0 and [e["event"] for e in anonymous[1]] == ["dropped", "missing"]
+    assert "refused anonymous access" in anonymous[1][0]["reason"]
+
+
+def test_the_user_config_adds_mirrors_per_provider_type_tried_before_upstream(
+    registry, tmp_path, monkeypatch
+):
+    config = tmp_path / "config.toml"
+    config.write_text('[registry.ssh]\nmirrors = ["http://127.0.0.1:9"]\n', encoding="utf-8")
+    monkeypatch.setenv("RUNNER_CONFIG", str(config))
+    spec = ImageSpec.model_validate(
+        {"ref": "sha256:" + "0" * 64, "registry": {"base": f"{registry.host}/{REPOSITORY}:minbase"}}
+    )
+    said: list[str] = []
+    found = resolve_source(spec, None, "ssh", said.append)
+    assert found is not None and found.sources == ("http://127.0.0.1:9", registry.url)
+    assert said == [said[0]] and said[0].startswith("registry 127.0.0.1:9 cannot be reached")
+    assert said[0].endswith("; the next source answered")
+    assert resolve_source(spec, None, "aws", said.append).sources == (registry.url,)  # another provider type
