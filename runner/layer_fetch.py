@@ -24,7 +24,7 @@ from runner.layers import RemoteLayout
 if TYPE_CHECKING:
     from runner.steps import DetachedSteps, StepHandle
 
-# The fetcher's network settings come from the host (AutoDL's network_turbo sets proxies).
+# The fetcher's network settings come from the login's environment on the host (its proxies).
 INHERITED = ("PATH", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy")
 FETCH_TIMEOUT_S = 6 * 3600
 
