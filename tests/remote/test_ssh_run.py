@@ -418,6 +418,9 @@ def assert_base_layers_came_from_the_registry(
     assert {d: recorded[d]["source"] for d in sources} == sources
     assert all(recorded[d]["blob"].startswith("sha256:") for d in synced["fetched"])
     assert "the instance fetches" in stderr and "can come from a registry" in stderr
+    if host.runtime == "rootfs":  # the root file system is named after the image ID it was made for
+        image_hex = image["image"]["id"].removeprefix("sha256:")
+        assert host.exists(f"{host.data_dir}/runner/rootfs/{image_hex}/.runner-unpacked.json")
 
 
 # -- without a host -------------------------------------------------------------------
@@ -529,7 +532,7 @@ def test_a_recreated_host_is_refused_until_its_new_key_is_accepted(start_host, r
     first = start_host()
     shutil.copy(root_key.private_file, tmp_path / "id_ed25519")
     (tmp_path / "records.bin").write_bytes(b"records")
-    target = Target("container", "rootfs", "127.0.0.1", first.port, "/srv/runner-data", Path.exists, bool)
+    target = Target("container", "rootfs", "127.0.0.1", first.port, "/srv/runner-data", Path.exists, bool, "")
     spec = write_spec(tmp_path, target, image_id, "ssh-keys", "echo ok > /out/ok", ["/out/ok"])
     assert submit(tmp_path, spec)[0] == 0
     stop_host(first)
