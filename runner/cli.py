@@ -96,7 +96,7 @@ def _warn_about_orphans() -> None:
 
 
 @main.command()
-@click.argument("job", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("job", type=click.Path(path_type=Path))
 @json_option
 @_errors_handled
 def validate(job: Path, as_json: bool) -> None:
@@ -140,7 +140,7 @@ def _report_run(result, as_json: bool) -> None:
 
 
 @main.command()
-@click.argument("job", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("job", type=click.Path(path_type=Path))
 @out_option
 @click.option("--detach", is_flag=True, help="Return at once; a background runner process drives the run.")
 @click.option("--run-id", hidden=True, help="The run's ID, chosen by a detaching submit.")
@@ -299,7 +299,7 @@ def plot(run_refs: tuple[str, ...], output: Path | None) -> None:
 
 
 @main.command()
-@click.argument("job", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("job", required=False, type=click.Path(path_type=Path))
 @json_option
 @_errors_handled
 def doctor(job: Path | None, as_json: bool) -> None:
@@ -731,7 +731,7 @@ def image_sync(
 
 
 @image.command("plan", short_help="Show where each layer of a job's image would come from.")
-@click.argument("job", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("job", type=click.Path(path_type=Path))
 @json_option
 @_errors_handled
 def image_plan(job: Path, as_json: bool) -> None:

@@ -31,6 +31,7 @@ from pydantic import (
 from runner.errors import SpecError
 
 SPEC_VERSION = 1
+MAX_SPEC_BYTES = 1 << 20  # a job spec is a page of YAML; anything far larger is a wrong file
 OUT_ROOT = "/out"
 
 
@@ -516,9 +517,12 @@ def load_spec(path: str | Path) -> LoadedSpec:
     """Read and validate a job spec; raise SpecError listing every problem."""
     path = Path(path)
     try:
-        raw = path.read_bytes()
+        with path.open("rb") as handle:
+            raw = handle.read(MAX_SPEC_BYTES + 1)
     except OSError as exc:
         raise SpecError(f"{path}: cannot read job spec: {exc.strerror or exc}") from None
+    if len(raw) > MAX_SPEC_BYTES:
+        raise SpecError(f"{path}: job spec is over {MAX_SPEC_BYTES >> 20} MB: not a job spec")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -528,8 +532,9 @@ def load_spec(path: str | Path) -> LoadedSpec:
         spec = JobSpec.model_validate(data, context={"base_dir": path.parent.resolve()})
     except ValidationError as exc:
         problems = [_describe(path, error, lines) for error in _most_specific(exc.errors())]
-        count = f"{len(problems)} problem" + ("s" if len(problems) > 1 else "")
-        raise SpecError(f"{path}: invalid job spec ({count})", details=problems) from None
+        if len(problems) == 1:  # one line: `FILE:LINE: field: what is wrong`
+            raise SpecError(problems[0]) from None
+        raise SpecError(f"{path}: invalid job spec ({len(problems)} problems)", details=problems) from None
     return LoadedSpec(spec=spec, path=path.resolve(), sha256=hashlib.sha256(raw).hexdigest(), text=text)
 
 

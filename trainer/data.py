@@ -73,14 +73,39 @@ class Sample:
 
 
 def load_records(path: str | Path) -> list[Any]:
-    """A JSON array, or JSON lines (one object per line)."""
-    text = Path(path).read_text(encoding="utf-8")
+    """A JSON array, or JSON lines (one object per line, each at most MAX_LINE_BYTES)."""
     try:
-        if text.lstrip().startswith("["):
-            return json.loads(text)
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
+        with open(path, "rb") as f:
+            if f.read(4096).lstrip().startswith(b"["):
+                f.seek(0)
+                return json.loads(_text(f.read(), path))
+            f.seek(0)
+            return [json.loads(_text(line, path, number)) for number, line in _lines(f, path) if line.strip()]
+    except OSError as err:
+        raise DataError(f"cannot read {path}: {err.strerror}") from err
     except json.JSONDecodeError as err:
         raise DataError(f"{path} is neither a JSON array nor JSON lines: {err}") from err
+
+
+MAX_LINE_BYTES = 64 << 20  # one instruction record; a longer line is not one
+
+
+def _lines(f, path: str | Path):
+    """(line number, bytes) of each line, refusing one longer than MAX_LINE_BYTES unread."""
+    for number, line in enumerate(iter(lambda: f.readline(MAX_LINE_BYTES + 1), b""), start=1):
+        if len(line) > MAX_LINE_BYTES and not line.endswith(b"\n"):
+            raise DataError(
+                f"{path}: line {number} is over {MAX_LINE_BYTES >> 20} MB: not a JSON lines record"
+            )
+        yield number, line
+
+
+def _text(data: bytes, path: str | Path, line: int | None = None) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        where = f"line {line}" if line is not None else f"byte {err.start}"
+        raise DataError(f"{path} is not UTF-8 text ({where})") from None
 
 
 def validate_records(raw: list[Any]) -> tuple[list[Record], list[BadRecord]]:
