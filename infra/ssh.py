@@ -451,18 +451,21 @@ def _step_name(name: str) -> str:
 
 
 def _checked_files(listing: dict) -> list[dict]:
-    """The manifest's files, each path checked here too: the host is not trusted to have done so."""
+    """The manifest's files, each path checked here too: the host is not trusted to have done so
+    (a listing it got wrong is the host's failure: exit code 3)."""
     seen: set[str] = set()
     files: list[dict] = []
     for entry in listing["files"]:
         path = entry.get("path") if isinstance(entry, dict) else None
-        if not _safe_relative(path) or path in seen:
-            raise RunFailed(f"the host's outputs manifest names a bad or repeated path: {path!r}")
+        if not _safe_relative(path):
+            raise ProviderFailure(f"the host's outputs manifest names a path outside the outputs: {path!r}")
+        if path in seen:
+            raise ProviderFailure(f"the host's outputs manifest names {path!r} twice")
         digest, size = entry.get("sha256"), entry.get("bytes")
         if not (isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest)):
-            raise RunFailed(f"the host's outputs manifest has no sha256 for {path!r}")
+            raise ProviderFailure(f"the host's outputs manifest has no sha256 for {path!r}")
         if not isinstance(size, int) or size < 0:
-            raise RunFailed(f"the host's outputs manifest has no size for {path!r}")
+            raise ProviderFailure(f"the host's outputs manifest has no size in bytes for {path!r}")
         seen.add(path)
         files.append(entry)
     return files

@@ -24,8 +24,8 @@ from pathlib import Path
 import pytest
 
 from infra.base import Lines
-from infra.ssh import SshProvider, _checked_files
-from runner.errors import BadInput, RunFailed, SpecError
+from infra.ssh import SshProvider
+from runner.errors import BadInput, SpecError
 from runner.spec import load_spec
 from runner.store import Store
 from tests.remote import registry_server
@@ -491,26 +491,6 @@ def test_missing_password_variable_is_bad_input(tmp_path, monkeypatch):
     settings = load(tmp_path, "  password_env: RUNNER_TEST_NO_SUCH_PW").spec.provider
     with pytest.raises(BadInput, match="RUNNER_TEST_NO_SUCH_PW is not set"):
         SshProvider(settings).open_host("demo-run")
-
-
-@pytest.mark.unit
-@pytest.mark.parametrize("path", ["../x", "/etc/passwd", "a/../../b", "a//b", "./a", "", "a\nb", None])
-def test_outputs_manifest_paths_are_checked_here(path):
-    entry = {"path": path, "bytes": 1, "sha256": "0" * 64}
-    with pytest.raises(RunFailed, match="bad or repeated path"):
-        _checked_files({"files": [entry]})
-
-
-@pytest.mark.unit
-def test_outputs_manifest_refuses_repeats_and_bad_hashes():
-    entry = {"path": "a/b", "bytes": 1, "sha256": "0" * 64}
-    assert _checked_files({"files": [entry]}) == [entry]
-    with pytest.raises(RunFailed, match="repeated"):
-        _checked_files({"files": [entry, dict(entry)]})
-    with pytest.raises(RunFailed, match="no sha256"):
-        _checked_files({"files": [{**entry, "sha256": "xyz"}]})
-    with pytest.raises(RunFailed, match="no size"):
-        _checked_files({"files": [{**entry, "bytes": -1}]})
 
 
 @pytest.mark.unit
