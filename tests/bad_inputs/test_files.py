@@ -113,6 +113,7 @@ CHECKPOINT_CASES = [
 @pytest.mark.parametrize(
     ("case", "weights", "expected"), CHECKPOINT_CASES, ids=[c[0] for c in CHECKPOINT_CASES]
 )
+@pytest.mark.security
 def test_bad_meta_checkpoints_are_refused(workspace, tokenizer_model, case, weights, expected):
     source = meta_folder(workspace.folder / case, tokenizer_model, weights())
     out = workspace.folder / "converted"
@@ -168,6 +169,7 @@ def test_a_truncated_safetensors_file_is_refused(workspace, tokenizer_model):
 # -- what a host sends back ---------------------------------------------------------------
 
 
+@pytest.mark.security
 @pytest.mark.parametrize("path", ["../x", "/etc/passwd", "a/../../b", "a//b", "./a", "", "a\nb", None])
 def test_a_host_listing_outputs_outside_the_run_is_refused(path):
     entry = {"path": path, "bytes": 1, "sha256": "0" * 64}

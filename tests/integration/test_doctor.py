@@ -26,6 +26,7 @@ def test_a_machine_with_a_docker_engine_passes(docker_engine, tmp_path):
     assert "OK    docker engine: version " in done.stdout and "all checks passed" in done.stderr
 
 
+@pytest.mark.security
 def test_every_problem_of_a_job_is_named_with_its_fix_and_no_secret_is_shown(docker_engine, tmp_path):
     key = tmp_path / "id_rsa"
     paramiko.RSAKey.generate(2048).write_private_key_file(str(key))

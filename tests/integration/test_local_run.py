@@ -159,6 +159,7 @@ def test_missing_declared_output_fails_the_run(image_id, tmp_path):
     assert result.json["error"] == "declared outputs were not written: /out/b"
 
 
+@pytest.mark.security
 def test_output_symlink_out_of_the_container_is_refused(image_id, tmp_path):
     secret = tmp_path / "host-secret"
     secret.write_text("do not copy me")
@@ -223,6 +224,7 @@ def _wait_for_container(client, labels: dict[str, str], timeout: float) -> None:
     raise AssertionError(f"no running container with {labels} within {timeout} s")
 
 
+@pytest.mark.security
 def test_secrets_reach_the_container_and_nothing_records_them(image_id, tmp_path):
     token = "s3cr3t-" + os.urandom(8).hex()
     spec = quick_job(

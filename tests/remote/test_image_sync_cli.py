@@ -294,6 +294,7 @@ def test_a_registry_the_host_cannot_reach_falls_back_to_the_laptop(
     assert "no registry could serve it; sent from the laptop" in proc.stderr
 
 
+@pytest.mark.security
 @integration
 def test_registry_credentials_reach_the_fetch_but_no_log_store_or_process_list(
     registry_storage, start_host, images, tmp_path

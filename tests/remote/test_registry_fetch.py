@@ -268,6 +268,7 @@ def front(registry):
         server.stop()
 
 
+@pytest.mark.security
 def test_bearer_tokens_and_blob_redirects_as_docker_hub_serves_them(tmp_path, front):
     server, host = front()
     resolved = registry_fetch.resolve(f"{host}/{REPOSITORY}:minbase", [f"http://{host}"])

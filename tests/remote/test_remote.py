@@ -125,6 +125,7 @@ def test_first_connection_pins_the_host_key_and_later_ones_match(sshd_host, stor
     assert store.host_key("127.0.0.1", sshd_host.port) == pinned
 
 
+@pytest.mark.security
 def test_a_changed_host_key_is_refused_unless_accepted(start_host, store, caplog):
     first = start_host()
     with RemoteHost(first.endpoint(), store, retry=FAST) as host:

@@ -278,6 +278,7 @@ def test_a_stalled_trainer_is_stopped_by_the_watchdog_and_its_checkpoint_collect
     ],
     ids=["link-in-out", "path-below-link"],
 )
+@pytest.mark.security
 def test_output_link_pointing_out_is_refused(job_folder, ssh_host, image_id, train, outputs, expected):
     spec = write_spec(job_folder, ssh_host, image_id, "ssh-link", train, outputs)
     code, payload, stderr = submit(job_folder, spec)
@@ -503,6 +504,7 @@ def test_log_chunks_are_cut_into_lines():
     assert seen == ["one", "two", "thr\u00e9e"]
 
 
+@pytest.mark.security
 @whole_run
 def test_a_recreated_host_is_refused_until_its_new_key_is_accepted(start_host, root_key, image_id, tmp_path):
     """The first run pins the host key; a host recreated on the same address is refused with both

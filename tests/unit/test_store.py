@@ -45,6 +45,7 @@ def test_reopening_applies_nothing_twice(tmp_path):
     assert len(names) == len(set(names)) == len(MIGRATIONS)
 
 
+@pytest.mark.security
 def test_state_folder_and_files_are_private(tmp_path):
     home = tmp_path / "home"
     with Store(home):

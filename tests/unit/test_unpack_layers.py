@@ -179,6 +179,7 @@ ESCAPES = {
 }
 
 
+@pytest.mark.security
 @pytest.mark.parametrize("case", list(ESCAPES))
 def test_escapes_are_refused_naming_the_member_and_nothing_leaves_the_rootfs(tmp_path, rootfs, outside, case):
     layers_members, name, reason = ESCAPES[case]

@@ -1,0 +1,99 @@
+"""The reliability scoreboard: run the bad-input, fault and security suites, count what held.
+
+Each suite is a pytest folder; every test case is one bad input tried, one fault scenario or
+one security check. The scoreboard prints a table and one JSON line:
+
+  bad inputs tried / handled      tests/bad_inputs (exit code, one line, no state changed)
+  fault scenarios run / survived  tests/faults, where it exists
+  security checks passed          tests marked `security` in any of them
+
+Run from the repository root: `.venv/bin/python -m bench.reliability [--full]` (--full also
+runs the slow fault scenarios, as RUNNER_FAULTS=full does for pytest).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import xml.etree.ElementTree as ElementTree
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SUITES = {"bad inputs": "tests/bad_inputs", "fault scenarios": "tests/faults"}
+
+
+@dataclass
+class Tally:
+    tried: int = 0
+    held: int = 0
+    failed: tuple[str, ...] = ()
+
+
+def run_suite(folder: str, marker: str | None, env: dict[str, str]) -> Tally:
+    """Run one pytest folder (optionally one marker) and count its cases from the JUnit report."""
+    if not (REPO / folder).is_dir():
+        return Tally()
+    with tempfile.TemporaryDirectory() as scratch:
+        report = Path(scratch) / "report.xml"
+        argv = [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            f"--junitxml={report}",
+            folder,
+        ]
+        if marker:
+            argv += ["-m", marker]
+        subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True)
+        if not report.exists():
+            return Tally()
+        cases = ElementTree.parse(report).getroot().iter("testcase")
+        outcomes = {f"{c.get('classname')}::{c.get('name')}": _outcome(c) for c in cases}
+    ran = {name: ok for name, ok in outcomes.items() if ok is not None}
+    return Tally(len(ran), sum(ran.values()), tuple(sorted(n for n, ok in ran.items() if not ok)))
+
+
+def _outcome(case: ElementTree.Element) -> bool | None:
+    """True passed, False failed or errored, None skipped."""
+    if case.find("skipped") is not None:
+        return None
+    return case.find("failure") is None and case.find("error") is None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--full", action="store_true", help="also the slow fault scenarios")
+    args = parser.parse_args()
+    env = {**os.environ, **({"RUNNER_FAULTS": "full"} if args.full else {})}
+    tallies = {name: run_suite(folder, None, env) for name, folder in SUITES.items()}
+    security = run_suite("tests", "security", env)
+    print(f"{'suite':<18}{'tried':>7}{'held':>7}")
+    for name, tally in {**tallies, "security checks": security}.items():
+        print(f"{name:<18}{tally.tried:>7}{tally.held:>7}")
+        for failed in tally.failed:
+            print(f"  FAILED {failed}")
+    bad, faults = tallies["bad inputs"], tallies["fault scenarios"]
+    print(
+        json.dumps(
+            {
+                "bad_inputs_tried": bad.tried,
+                "bad_inputs_handled": bad.held,
+                "scenarios_run": faults.tried,
+                "scenarios_survived": faults.held,
+                "security_checks": security.tried,
+                "security_checks_passed": security.held,
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
