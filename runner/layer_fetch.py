@@ -90,7 +90,7 @@ def finish(
         code = steps.wait(fetch.handle, FETCH_TIMEOUT_S, lines.feed)
         lines.flush()
     finally:
-        steps.host.run(["rm", "-rf", "--", fetch.handle.step_dir, fetch.plan_path], timeout=60)
+        _remove_folder(steps, fetch)
     outcome.seconds = round(time.monotonic() - fetch.started, 3)
     where = steps.host.endpoint.address
     if code == 2:
@@ -109,7 +109,11 @@ def forget(steps: DetachedSteps, fetch: Fetch) -> None:
     and leave the fetch to finish; the next sync finds its layers in the cache (a layer being
     fetched is locked, so a second fetch waits for it rather than writing it twice)."""
     with contextlib.suppress(Exception):  # the link may be what failed
-        steps.host.run(["rm", "-rf", "--", fetch.handle.step_dir, fetch.plan_path], timeout=60)
+        _remove_folder(steps, fetch)
+
+
+def _remove_folder(steps: DetachedSteps, fetch: Fetch) -> None:
+    steps.host.run(["rm", "-rf", "--", fetch.handle.step_dir, fetch.plan_path], timeout=60)
 
 
 def _record(event: dict, outcome: FetchOutcome, errors: list[str], progress) -> None:
@@ -117,7 +121,8 @@ def _record(event: dict, outcome: FetchOutcome, errors: list[str], progress) -> 
     if kind == "progress" and progress is not None:
         progress(f"fetch {str(event['diff_id']).removeprefix('sha256:')[:12]}", event["done"], event["total"])
     elif kind == "fetched":
-        outcome.fetched[event["diff_id"]] = event["source"]
+        # "cache": another fetch put it there meanwhile; to the sync it was on the instance
+        outcome.fetched[event["diff_id"]] = "instance" if event["source"] == "cache" else event["source"]
         outcome.bytes_fetched += int(event.get("bytes", 0))
         outcome.missing.pop(event["diff_id"], None)
     elif kind == "missing":

@@ -146,13 +146,17 @@ class Registry:
             response.close()
             self._tokens[repository] = headers["Authorization"] = self._authorize(challenge, repository)
             status, response = self._open(url, headers)
-            if status == 401:
-                response.close()
-                raise self._refused()
+        self._refuse_errors(status, response, f"answered HTTP {status} for {path}")
+        return status, response
+
+    def _refuse_errors(self, status: int, response, what: str) -> None:
+        """Close an error answer and raise for it: 401 after authorizing is a refusal."""
+        if status == 401:
+            response.close()
+            raise self._refused()
         if status >= 400:
             response.close()
-            raise RegistryError(f"answered HTTP {status} for {path}", transient=status >= 500)
-        return status, response
+            raise RegistryError(what, transient=status >= 500)
 
     def _open(self, url: str, headers: dict, hops: int = 5) -> tuple:
         """(status, response) of one request, following redirects by hand (Authorization
@@ -194,12 +198,7 @@ class Registry:
         url = params.get("realm", "") + "?" + urllib.parse.urlencode(query)
         headers = {"Authorization": "Basic " + _basic(self.credentials)} if self.credentials else {}
         status, response = self._open(url, headers)
-        if status == 401:
-            response.close()
-            raise self._refused()
-        if status >= 400:
-            response.close()
-            raise RegistryError(f"its token service answered HTTP {status}", transient=status >= 500)
+        self._refuse_errors(status, response, f"its token service answered HTTP {status}")
         with response:
             body = json.loads(response.read().decode() or "{}")
         token = body.get("token") or body.get("access_token")
