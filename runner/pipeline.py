@@ -579,14 +579,20 @@ def _watchdog_stop(ctx: RunContext) -> dict | None:
     """The watchdog's decision to stop the trainer, if it made one (its log, brought home, says);
     kept in ctx.watchdog_stop: the run collects what was written, then fails (exit code 4 at a
     budget cap)."""
-    log = ctx.run_dir / "logs" / "watchdog.log"
-    with contextlib.suppress(ProviderFailure, EOFError, OSError):  # the watchdog may be powering off
-        ctx.host.fetch_host_log("watchdog.log", log)
+    log = _fetch_watchdog_log(ctx)
     stop = budget.watchdog_stop(log.read_text(encoding="utf-8")) if log.is_file() else None
     if stop is not None:
         ctx.reporter.warn(f"the watchdog stopped training: {stop.get('reason')}")
     ctx.watchdog_stop = stop
     return stop
+
+
+def _fetch_watchdog_log(ctx: RunContext) -> Path:
+    """Bring the watchdog's log home (to settle billing with its power-off time); where it is."""
+    log = ctx.run_dir / "logs" / "watchdog.log"
+    with contextlib.suppress(ProviderFailure, EOFError, OSError):  # the watchdog may be powering off
+        ctx.host.fetch_host_log("watchdog.log", log)
+    return log
 
 
 def _off_after_training(ctx: RunContext) -> bool:
@@ -649,6 +655,7 @@ def _collect(ctx: RunContext) -> None:
             Artifact(path=str(file.path.relative_to(ctx.run_dir)), sha256=file.sha256, bytes=file.bytes)
         )
     _collect_run_files(ctx, artifacts_dir)
+    _fetch_watchdog_log(ctx)  # again: its last decision (the power-off) may postdate train's copy
     ctx.store.add_event(ctx.run.id, "artifacts.collected", count=len(files))
 
 
