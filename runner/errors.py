@@ -44,6 +44,12 @@ class ProviderFailure(RunnerError):
     exit_code = EXIT_PROVIDER
 
 
+class StateBusy(RunnerError):
+    """The state database stayed locked by another process past the wait; nothing was written."""
+
+    exit_code = EXIT_PROVIDER
+
+
 class RunFailed(RunnerError):
     """A run's own step failed (a setup or train command exited non-zero)."""
 

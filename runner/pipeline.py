@@ -158,8 +158,11 @@ def submit(
                 status="running",
                 created_at=time.time(),
             )
-            store.create_run(run)
-            store.add_event(run_id, "run.created", spec=str(loaded.path), provider=provider.type)
+            try:
+                store.create_run(run, spec=str(loaded.path), provider=provider.type)
+            except BaseException:  # no folder of a run that was never recorded
+                shutil.rmtree(run_dir, ignore_errors=True)
+                raise
             reporter.info(f"run {run_id} -> {run_dir}")
             ctx = RunContext(store, run, loaded, run_dir, provider, reporter, reproduces=reproduces)
             with interrupts.raised_as_keyboard_interrupt():

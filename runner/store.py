@@ -8,6 +8,7 @@ database is brought up to date on open and a migrated one is never touched twice
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
@@ -16,7 +17,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from runner.cost import Interval
-from runner.errors import BadInput, NotFound
+from runner.errors import BadInput, NotFound, StateBusy
 from runner.home import private_dir, private_file
 
 DB_NAME = "state.db"
@@ -242,7 +243,8 @@ class Store:
 
     # -- runs -------------------------------------------------------------------
 
-    def create_run(self, run: Run) -> None:
+    def create_run(self, run: Run, **created: object) -> None:
+        """Record a new run with its run.created event (data: created), both or neither."""
         with self._transaction():
             self._db.execute(
                 "INSERT INTO runs (id, job_name, spec_path, spec_sha256, provider, run_dir, status,"
@@ -258,6 +260,7 @@ class Store:
                     run.created_at,
                 ),
             )
+            self._insert_event(run.id, "run.created", created)
 
     def finish_run(self, run_id: str, status: str, exit_code: int, error: str | None = None) -> None:
         with self._transaction():
@@ -350,10 +353,13 @@ class Store:
 
     def add_event(self, run_id: str, kind: str, **data: object) -> None:
         with self._transaction():
-            self._db.execute(
-                "INSERT INTO events (run_id, ts, kind, data) VALUES (?, ?, ?, ?)",
-                (run_id, time.time(), kind, json.dumps(data, sort_keys=True, default=str)),
-            )
+            self._insert_event(run_id, kind, data)
+
+    def _insert_event(self, run_id: str, kind: str, data: dict) -> None:
+        self._db.execute(
+            "INSERT INTO events (run_id, ts, kind, data) VALUES (?, ?, ?, ?)",
+            (run_id, time.time(), kind, json.dumps(data, sort_keys=True, default=str)),
+        )
 
     def events(self, run_id: str) -> list[Event]:
         rows = self._db.execute(
@@ -470,20 +476,52 @@ def _interval(row: sqlite3.Row) -> Interval:
     return Interval(**{name: row[name] for name in _LEDGER_FIELDS})
 
 
+WAIT_ENV = "RUNNER_STATE_WAIT_S"
+DEFAULT_WAIT_S = 60.0  # a write waits this long for another process's transaction to end
+
+
+def wait_s() -> float:
+    """How long a write waits for a database another process holds ($RUNNER_STATE_WAIT_S)."""
+    try:
+        return max(0.0, float(os.environ.get(WAIT_ENV, DEFAULT_WAIT_S)))
+    except ValueError:
+        raise BadInput(f"{WAIT_ENV} must be a number of seconds") from None
+
+
+class _Connection(sqlite3.Connection):
+    """A connection whose 'database is locked' (another process kept its write transaction
+    open past the wait) is StateBusy, a one-line error, wherever in the store it happens."""
+
+    def execute(self, sql: str, parameters=(), /) -> sqlite3.Cursor:
+        try:
+            return super().execute(sql, parameters)
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) and "busy" not in str(exc):
+                raise
+            raise StateBusy(
+                f"the state database is locked by another process (waited {self.wait_s:.0f}s):"
+                f" close whatever holds it open (a sqlite3 shell?) and run the command again,"
+                f" or wait longer with {WAIT_ENV}"
+            ) from None
+
+
 def _connect(path: Path, attempts: int = 5) -> sqlite3.Connection:
-    """A connection in WAL mode. WAL is a property of the file, so it is set only when missing
-    (switching modes needs an exclusive lock); a busy database is retried briefly."""
+    """A connection in WAL mode (readers never wait for a writer). WAL is a property of the file,
+    so it is set only when missing (switching modes needs an exclusive lock, which SQLite may
+    refuse at once rather than wait for: tried a few times)."""
+    waiting = wait_s()
     attempt = 1
     while True:
-        db = sqlite3.connect(path, timeout=10, isolation_level=None)
+        db = sqlite3.connect(path, timeout=waiting, isolation_level=None, factory=_Connection)
+        db.wait_s = waiting
         try:
             db.row_factory = sqlite3.Row
-            db.execute("PRAGMA busy_timeout=10000")
+            db.execute(f"PRAGMA busy_timeout={int(waiting * 1000)}")
             if db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
                 db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA foreign_keys=ON")
             return db
-        except sqlite3.OperationalError:
+        except StateBusy:
             db.close()
             if attempt == attempts:
                 raise

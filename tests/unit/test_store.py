@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from runner.errors import EXIT_BAD_INPUT, NotFound, RunnerError
+from runner.errors import EXIT_BAD_INPUT, NotFound, RunnerError, StateBusy
 from runner.store import DB_NAME, MIGRATIONS, Run, Store
 
 pytestmark = pytest.mark.unit
@@ -81,7 +81,8 @@ def test_finish_run_and_events(tmp_path):
         events = store.events("r1")
     assert (run.status, run.exit_code, run.error) == ("failed", 1, "train exited with code 3")
     assert run.ended_at is not None
-    assert events[0].kind == "container.exited" and events[0].data == {"exit_code": 3, "name": "train"}
+    assert [e.kind for e in events] == ["run.created", "container.exited"]
+    assert events[1].data == {"exit_code": 3, "name": "train"}
 
 
 def test_runs_are_found_by_unique_prefix(tmp_path):
@@ -163,3 +164,51 @@ def test_concurrent_first_opens_migrate_once(tmp_path):
 def _open_and_list(home) -> int:
     with Store(home) as store:
         return len(store.list_runs())
+
+
+def hold_write_lock(path, seconds: float):
+    """Another process that keeps a write transaction open on the database for `seconds`."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sqlite3, sys, time; db = sqlite3.connect(sys.argv[1], isolation_level=None);"
+        " db.execute('BEGIN IMMEDIATE'); print('held', flush=True); time.sleep(float(sys.argv[2]))"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", script, str(path), str(seconds)], stdout=subprocess.PIPE)
+    assert holder.stdout.readline() == b"held\n"
+    return holder
+
+
+def test_a_write_waits_for_another_process_then_fails_in_one_line_writing_nothing(tmp_path, monkeypatch):
+    with Store(tmp_path) as store:
+        store.create_run(make_run("r1"))
+    holder = hold_write_lock(tmp_path / DB_NAME, 30)
+    try:
+        monkeypatch.setenv("RUNNER_STATE_WAIT_S", "0.5")
+        with Store(tmp_path) as store:
+            assert store.get_run("r1").status == "running"  # readers never wait (WAL)
+            with pytest.raises(StateBusy) as raised:
+                store.create_run(make_run("r2"), spec="/jobs/demo.yaml")
+            assert raised.value.exit_code == 3
+            assert "locked by another process (waited 0s)" in raised.value.message
+            assert "\n" not in raised.value.message
+    finally:
+        holder.kill()
+        holder.wait()
+    with Store(tmp_path) as store:  # neither the run nor its event was half written
+        assert [run.id for run in store.list_runs(10)] == ["r1"]
+        assert store.events("r2") == []
+
+
+def test_a_write_goes_through_once_a_short_lock_ends(tmp_path, monkeypatch):
+    with Store(tmp_path) as store:
+        store.create_run(make_run("r1"))
+    holder = hold_write_lock(tmp_path / DB_NAME, 1.5)
+    monkeypatch.setenv("RUNNER_STATE_WAIT_S", "20")
+    with Store(tmp_path) as store:
+        started = time.monotonic()
+        store.add_event("r1", "after.the.lock")
+        assert time.monotonic() - started >= 0.5  # it did wait for the other process
+        assert [e.kind for e in store.events("r1")] == ["run.created", "after.the.lock"]
+    holder.wait()
