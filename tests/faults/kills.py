@@ -51,6 +51,23 @@ KILL_POINTS = {
 }
 
 
+def wait_for(env: dict, out: Path, seen: Seen, alive: Callable[[], bool], timeout: float = 300) -> str:
+    """Poll the run being made under out until seen(...) holds; its id. Fails if the run's
+    process ends first (alive() turns False) or the moment never comes."""
+    home = Path(env["RUNNER_HOME"])
+    deadline = time.monotonic() + timeout
+    while True:
+        assert alive(), "the run ended before the moment came"
+        assert time.monotonic() < deadline, "the moment never came"
+        run_dirs = list(out.glob("*/")) if out.is_dir() else []
+        if run_dirs and (home / "state.db").exists():
+            with Store(home) as store:
+                run_id = run_dirs[0].name
+                if any(r.id == run_id for r in store.list_runs(5)) and seen(store, run_id, run_dirs[0]):
+                    return run_id
+        time.sleep(0.1)
+
+
 def submit_until(
     env: dict, spec: Path, seen: Seen, timeout: float = 300, signum: int = signal.SIGKILL
 ) -> str:
@@ -59,21 +76,9 @@ def submit_until(
     out = spec.parent / "runs"
     argv = [sys.executable, "-m", "runner", "submit", str(spec), "--out", str(out)]
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    home = Path(env["RUNNER_HOME"])
-    deadline = time.monotonic() + timeout
     try:
-        while True:
-            assert proc.poll() is None, f"the run ended before the kill point: {proc.stderr.read()[-3000:]}"
-            assert time.monotonic() < deadline, "the kill point never came"
-            run_dirs = list(out.glob("*/")) if out.is_dir() else []
-            if run_dirs:
-                with Store(home) as store:
-                    run_id = run_dirs[0].name
-                    if any(r.id == run_id for r in store.list_runs(5)) and seen(store, run_id, run_dirs[0]):
-                        break
-            time.sleep(0.1)
+        return wait_for(env, out, seen, lambda: proc.poll() is None, timeout)
     finally:
         proc.send_signal(signum)
         proc.wait(timeout=300)
         proc.stderr.close()
-    return run_id
