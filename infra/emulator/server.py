@@ -12,6 +12,7 @@ import hmac
 import json
 import secrets
 import threading
+import time
 from collections.abc import Callable
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -21,6 +22,7 @@ from infra.emulator.service import ApiError, Emulator
 
 AUTH_MSG = "登陆超时，请重新登录"
 ADMIN = "/emulator/v1/"
+MALFORMED = b"<html><body>502 Bad Gateway</body></html>"  # what a broken proxy answers
 
 
 def envelope(code: str = "Success", msg: str = "", data: object = None) -> dict:
@@ -99,15 +101,18 @@ def _wallet(emulator: Emulator) -> dict:
     }
 
 
+_FAULT_TYPES = {
+    "no_gpu_stock": int, "http_500": int, "malformed": int, "expire_token": bool, "low_balance": bool,
+    "slow_s": float,
+}  # fmt: skip
+
+
 def _set_faults(emulator: Emulator, body: dict) -> dict:
     faults = emulator.faults
-    for key in ("no_gpu_stock", "http_500"):
+    for key, kind in _FAULT_TYPES.items():
         if key in body:
-            setattr(faults, key, max(0, int(body[key])))
-    for key in ("expire_token", "low_balance"):
-        if key in body:
-            setattr(faults, key, bool(body[key]))
-    unknown = set(body) - {"no_gpu_stock", "http_500", "expire_token", "low_balance"}
+            setattr(faults, key, max(0, kind(body[key])) if kind is not bool else bool(body[key]))
+    unknown = set(body) - set(_FAULT_TYPES)
     if unknown:
         raise ApiError("InvalidParameter", f"unknown faults: {', '.join(sorted(unknown))}")
     return vars(faults).copy()
@@ -144,9 +149,11 @@ class Handler(BaseHTTPRequestHandler):
         body = self._body()
         status, answer = self.server.answer(method, url.path, self.headers.get("Authorization", ""), body,
                                             {k: v[0] for k, v in parse_qs(url.query).items()})  # fmt: skip
-        raw = json.dumps(answer, ensure_ascii=False).encode()
+        raw = answer if isinstance(answer, bytes) else json.dumps(answer, ensure_ascii=False).encode()
         self.send_response(status)
-        self.send_header("Content-Type", "application/json; charset=utf-8")
+        self.send_header(
+            "Content-Type", "text/html" if isinstance(answer, bytes) else "application/json; charset=utf-8"
+        )
         self.send_header("Content-Length", str(len(raw)))
         self.end_headers()
         self.wfile.write(raw)
@@ -179,20 +186,27 @@ class EmulatorServer(ThreadingHTTPServer):
         host, port = self.server_address[:2]
         return f"http://{host}:{port}"
 
-    def _take_http_500(self) -> bool:
-        """Consume one injected HTTP 500, if any is left (exactly N across threads)."""
+    def _take(self, fault: str) -> bool:
+        """Consume one of a counted fault (http_500, malformed), if any is left (exactly N
+        across threads)."""
         with self._fault_lock:
-            if self.faults.http_500 <= 0:
+            if getattr(self.faults, fault) <= 0:
                 return False
-            self.faults.http_500 -= 1
+            setattr(self.faults, fault, getattr(self.faults, fault) - 1)
             return True
 
-    def answer(self, method: str, path: str, token: str, body: object, query: dict) -> tuple[int, dict]:
+    def answer(
+        self, method: str, path: str, token: str, body: object, query: dict
+    ) -> tuple[int, dict | bytes]:
         if not hmac.compare_digest(token.encode(), self.token.encode()):
             return HTTPStatus.UNAUTHORIZED, envelope("AuthorizeFailed", AUTH_MSG)
         admin = path.startswith(ADMIN)
-        if not admin and self._take_http_500():
+        if not admin and self.faults.slow_s:
+            time.sleep(self.faults.slow_s)
+        if not admin and self._take("http_500"):
             return HTTPStatus.INTERNAL_SERVER_ERROR, envelope("ServerError", "emulated HTTP 500")
+        if not admin and self._take("malformed"):
+            return HTTPStatus.OK, MALFORMED
         if not admin and self.faults.expire_token:
             return HTTPStatus.OK, envelope("AuthorizeFailed", AUTH_MSG)
         route = self.api.routes.get((method, path))

@@ -51,6 +51,8 @@ class Faults:
     expire_token: bool = False  # every API call answers AuthorizeFailed (HTTP 200)
     low_balance: bool = False  # power_on answers LOW_BALANCE
     http_500: int = 0  # the next N API calls answer HTTP 500
+    malformed: int = 0  # the next N API calls answer a body that is not JSON (a proxy's error page)
+    slow_s: float = 0.0  # every API call waits this long before it answers (0: none)
 
 
 class Emulator:

@@ -167,7 +167,7 @@ def tiny_image() -> str:
     client = docker.from_env()
     dockerfile = f"FROM {BASE_IMAGE}\nRUN echo emulated > /banner\n"
     built, _ = client.images.build(
-        fileobj=io.BytesIO(dockerfile.encode()), tag="runner-test/emulated:tiny", rm=True
+        fileobj=io.BytesIO(dockerfile.encode()), tag=f"runner-test/emulated:tiny-{os.getpid()}", rm=True
     )
     yield built.id
     client.images.remove(built.id, force=True)
