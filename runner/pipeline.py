@@ -261,6 +261,7 @@ def _execute(ctx: RunContext, done: frozenset[str] = frozenset()) -> RunResult:
         store.add_event(ctx.run.id, "run.finished", status=status, exit_code=exit_code, error=error)
         run = store.get_run(ctx.run.id)
         phases = store.phases(run.id)
+        _keep_run_dir(ctx)
         manifest.write(ctx, run, phases)
         if ctx.instance_id is not None:
             report = billing.run_report(store, run.id)
@@ -327,6 +328,7 @@ def _run_phase(ctx: RunContext, name: str) -> None:
         ctx.store.skip_phase(ctx.run.id, name, skip_reason)
         ctx.reporter.phase(name, "skipped", skip_reason)
         return
+    _keep_run_dir(ctx)
     attempt = ctx.store.start_phase(ctx.run.id, name)
     ctx.phase = name
     ctx.reporter.phase(name, "started")
@@ -344,6 +346,7 @@ def _run_phase(ctx: RunContext, name: str) -> None:
         ctx.store.end_phase(ctx.run.id, name, attempt, "failed", _internal(exc))
         raise
     ctx.store.end_phase(ctx.run.id, name, attempt, "succeeded")
+    _keep_run_dir(ctx)
     manifest.write(ctx, ctx.run, ctx.store.phases(ctx.run.id))  # what the phase learned, kept for a resume
     ctx.reporter.phase(name, "done", f"{time.monotonic() - started:.1f}s")
 
@@ -695,6 +698,7 @@ def _teardown(ctx: RunContext) -> None:
         if ctx.host is None and ctx.resumed and _reachable_without_boot(ctx):
             _open_host(ctx, None, with_image=False)
         if ctx.host is not None:
+            _collect_again_if_lost(ctx)
             _close_at_teardown(ctx)
             if ctx.failed:
                 ctx.reporter.info("the run's work folder was kept for inspection")
@@ -706,6 +710,19 @@ def _teardown(ctx: RunContext) -> None:
                 text = watchdog_log.read_text(encoding="utf-8", errors="replace")
                 billing.settle_with_watchdog(ctx.store, ctx.run.id, ctx.instance_id, text)
             _note_balance(ctx, "after")
+
+
+def _collect_again_if_lost(ctx: RunContext) -> None:
+    """The host's copy of the outputs may go at teardown: if collected files are gone from home
+    (the run folder deleted since collect), collect again first."""
+    lost = [a.path for a in ctx.artifacts if not (ctx.run_dir / a.path).is_file()]
+    if not lost:
+        return
+    ctx.reporter.warn(
+        f"collected files are gone from the run folder ({', '.join(lost)}): collecting them again"
+    )
+    ctx.artifacts.clear()
+    _collect(ctx)
 
 
 def _close_at_teardown(ctx: RunContext) -> None:
@@ -797,9 +814,27 @@ def _make_run_dir(out_root: Path, run_id: str) -> Path:
         run_dir.mkdir()
     except FileExistsError:
         raise BadInput(f"run folder {run_dir} already exists; refusing to overwrite it") from None
-    for sub in ("artifacts", "logs"):
-        (run_dir / sub).mkdir()
+    _make_run_dir_parts(run_dir)
     return run_dir
+
+
+def _make_run_dir_parts(run_dir: Path) -> None:
+    for sub in ("artifacts", "logs"):
+        (run_dir / sub).mkdir(exist_ok=True)
+
+
+def _keep_run_dir(ctx: RunContext) -> None:
+    """Make the run's folder again if it was deleted while the run went on (its record, manifest
+    included, lives in the store; the artifacts are still on the host until teardown)."""
+    if ctx.run_dir.is_dir():
+        return
+    ctx.run_dir.mkdir(parents=True)
+    _make_run_dir_parts(ctx.run_dir)
+    ctx.store.add_event(ctx.run.id, "run_dir.recreated", path=str(ctx.run_dir))
+    ctx.reporter.warn(
+        f"the run folder {ctx.run_dir} was deleted while the run went on: made it again"
+        " (the logs written before are gone; the manifest and artifacts are written into it)"
+    )
 
 
 def run_status(ref: str) -> RunResult:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -82,3 +84,24 @@ def submit_until(
         proc.send_signal(signum)
         proc.wait(timeout=300)
         proc.stderr.close()
+
+
+def submit_acting(env: dict, spec: Path, seen: Seen, act: Callable[[], object]) -> tuple[int, dict, str]:
+    """`runner submit --json`; once seen(...) holds, act() (inject a fault) while it goes on;
+    the run's exit code, JSON answer and stderr."""
+    out = spec.parent / "runs"
+    argv = [sys.executable, "-m", "runner", "submit", str(spec), "--json", "--out", str(out)]
+    done: dict = {}
+
+    def run() -> None:
+        done["proc"] = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=900)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    try:
+        wait_for(env, out, seen, thread.is_alive)
+        act()
+    finally:
+        thread.join(timeout=900)
+    proc = done["proc"]
+    return proc.returncode, json.loads(proc.stdout), proc.stderr

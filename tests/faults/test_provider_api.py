@@ -7,7 +7,6 @@ is gone `runner resume` brings the artifacts back."""
 from __future__ import annotations
 
 import json
-import threading
 from pathlib import Path
 
 import pytest
@@ -15,9 +14,10 @@ import pytest
 from tests.emulator.cloud import admin, runner, tiny_job
 from tests.faults.checks import assert_artifacts_intact, assert_gpu_time_bounded, assert_store_consistent
 from tests.faults.conftest import chosen
-from tests.faults.kills import EXPECTED, SETUP, TRAIN, Seen, log_has, phase_started, wait_for
+from tests.faults.kills import EXPECTED, SETUP, TRAIN, log_has, phase_started, submit_acting
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
+FAULTS = "/emulator/v1/faults"
 
 TRANSIENT = {
     "http-500": {"http_500": 3},
@@ -30,33 +30,15 @@ LASTING = {
 }
 
 
-def inject_when(env: dict, spec: Path, seen: Seen, faults: dict) -> tuple[int, dict, str]:
-    """Submit; once seen(...) holds, inject the faults; the run's exit code, JSON and stderr."""
-    done: dict = {}
-
-    def run() -> None:
-        done["proc"] = runner(
-            env, "submit", str(spec), "--json", "--out", str(spec.parent / "runs"), timeout=900
-        )
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    try:
-        wait_for(env, spec.parent / "runs", seen, thread.is_alive)
-        admin(env, "/emulator/v1/faults", faults)
-    finally:
-        thread.join(timeout=900)
-    proc = done["proc"]
-    return proc.returncode, json.loads(proc.stdout), proc.stderr
-
-
 @pytest.mark.parametrize("fault", chosen(TRANSIENT, {"http-500", "not-json"}))
 def test_transient_api_faults_mid_run_are_retried(cloud, tmp_path, tiny_image, fault):
     spec = tiny_job(tmp_path, tiny_image, f"api-{fault}", TRAIN, setup=SETUP)
     try:
-        code, payload, stderr = inject_when(cloud, spec, phase_started("stage"), TRANSIENT[fault])
+        code, payload, stderr = submit_acting(
+            cloud, spec, phase_started("stage"), lambda: admin(cloud, FAULTS, TRANSIENT[fault])
+        )
     finally:
-        admin(cloud, "/emulator/v1/faults", {"http_500": 0, "malformed": 0, "slow_s": 0})
+        admin(cloud, FAULTS, {"http_500": 0, "malformed": 0, "slow_s": 0})
     assert code == 0, stderr[-4000:]
     assert (Path(payload["run_dir"]) / "artifacts" / "result").read_text() == EXPECTED
     assert_artifacts_intact(payload)
@@ -69,9 +51,11 @@ def test_a_lasting_api_fault_fails_clearly_powers_off_and_resume_collects(cloud,
     inject, clear, word = LASTING[fault]
     spec = tiny_job(tmp_path, tiny_image, f"api-{fault}"[:40], TRAIN, setup=SETUP)
     try:
-        code, payload, stderr = inject_when(cloud, spec, log_has("train.log", "training"), inject)
+        code, payload, stderr = submit_acting(
+            cloud, spec, log_has("train.log", "training"), lambda: admin(cloud, FAULTS, inject)
+        )
     finally:
-        admin(cloud, "/emulator/v1/faults", clear)
+        admin(cloud, FAULTS, clear)
     assert code == 3, stderr[-4000:]
     assert word in payload["error"]
     assert_gpu_time_bounded(cloud, payload["run_id"])  # the watchdog powered off without the laptop
