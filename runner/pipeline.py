@@ -9,6 +9,7 @@ the run started may outlive it.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import posixpath
@@ -44,6 +45,8 @@ from runner.store import Phase, Run, Store, open_store
 
 T = TypeVar("T")
 PHASES = ("plan", "provision", "stage", "boot_gpu", "train", "collect", "teardown")
+MAX_POWER_CUTS = 3  # power-offs from outside (preemption) a phase rides out before the run fails
+HOST_LOST = (ProviderFailure, EOFError, OSError)  # a link cut mid-read can surface raw from paramiko
 EXIT_INTERRUPTED = 130
 
 
@@ -504,6 +507,12 @@ def _stage(ctx: RunContext) -> None:
     """Ship the image, inputs and job files to the host (opened here unless provision did), then
     run the setup steps."""
     _open_host(ctx, _setup_mode(ctx), with_image=False)
+    _surviving_power_off(ctx, lambda: _stage_on_host(ctx))
+
+
+def _stage_on_host(ctx: RunContext) -> None:
+    """Stage's work on the open host; done again after a power-off from outside, it finds what
+    is in place (the image, inputs with their sha256, steps that ended) and does the rest."""
     _ensure_image(ctx)
     ctx.host.put_job_file("job.yaml", ctx.loaded.text.encode("utf-8"))
     resolved = ctx.loaded.spec.model_dump(mode="json")
@@ -535,14 +544,11 @@ def _boot_gpu(ctx: RunContext) -> None:
 def _train(ctx: RunContext) -> None:
     """Run the trainer with its watchdog next to it. The watchdog powers a rented instance off as
     soon as the trainer ends, which may cut this session before it saw the end: then the
-    instance is booted without its GPU and the step's recorded end is read there."""
+    instance is booted without its GPU and the step's recorded end is read there. An instance
+    powered off before the trainer ended (preempted, or stopped from outside) is booted with
+    its GPU again, and the trainer starts again from its last checkpoint in /out."""
     spec = ctx.loaded.spec
     train, watchdog = spec.train, spec.watchdog
-    if _off_after_training(ctx):
-        ctx.reporter.info("the instance is off: looking for the trainer's end on a boot without the GPU")
-        if not _open_host(ctx, _setup_mode(ctx), with_image=True).step_ended("train"):
-            _drop_host(ctx)
-    _open_host(ctx, _train_mode(ctx), with_image=True)
     request = ContainerRun(
         name="train",
         image_id=ctx.image.image.id,
@@ -559,13 +565,61 @@ def _train(ctx: RunContext) -> None:
         ),
     )
     ctx.reporter.progress.cost_so_far = lambda: billing.so_far(ctx.store, ctx.run.id)
+    if _off_after_training(ctx):
+        ctx.reporter.info("the instance is off: looking for the trainer's end on a boot without the GPU")
+        if _ended_while_off(ctx):
+            return _follow_trainer(ctx, request)
+    for cut in itertools.count():
+        _open_host(ctx, _train_mode(ctx), with_image=True)
+        try:
+            return _follow_trainer(ctx, request)
+        except HOST_LOST:
+            if ctx.instance_id is None or not _going_off(ctx):
+                raise
+        ctx.reporter.info(
+            f"instance {ctx.instance_id} went off; looking for the trainer's end without the GPU"
+        )
+        if _ended_while_off(ctx):  # its watchdog powered it off as the trainer ended
+            return _follow_trainer(ctx, request)
+        _count_power_cut(ctx, "training", cut)
+
+
+def _follow_trainer(ctx: RunContext, request: ContainerRun) -> None:
+    """Start or reattach to the trainer and follow it to its end; a failure is the run's unless
+    the watchdog stopped training (then what it wrote is collected first)."""
     try:
-        _surviving_power_off(ctx, lambda: _run_container(ctx, request, "train.log"))
+        _run_container(ctx, request, "train.log")
     except RunFailed:
         if _watchdog_stop(ctx) is None:
             raise
     else:
         _watchdog_stop(ctx)
+
+
+def _ended_while_off(ctx: RunContext) -> bool:
+    """Boot the instance without its GPU and tell whether the trainer had ended (with an exit
+    code) before it went off; if not, the instance is left off, ready for a GPU boot."""
+    _drop_host(ctx)
+    if _open_host(ctx, _setup_mode(ctx), with_image=True).step_ended("train"):
+        return True
+    _drop_host(ctx)
+    _power_off(ctx)
+    return False
+
+
+def _count_power_cut(ctx: RunContext, doing: str, cut: int) -> None:
+    """Record a power-off from outside that cut doing; after MAX_POWER_CUTS of them, give up
+    (the instance is off; `runner resume` tries again)."""
+    ctx.store.add_event(ctx.run.id, "instance.cut", id=ctx.instance_id, doing=doing)
+    if cut >= MAX_POWER_CUTS:
+        raise ProviderFailure(
+            f"instance {ctx.instance_id} was powered off from outside {cut + 1} times during {doing};"
+            f" `runner resume {ctx.run.id}` tries again"
+        )
+    ctx.reporter.warn(
+        f"instance {ctx.instance_id} was powered off from outside (preempted?) during {doing}:"
+        " booting it again; what was done is kept"
+    )
 
 
 def _budget_left_s(ctx: RunContext) -> float | None:
@@ -596,7 +650,7 @@ def _watchdog_stop(ctx: RunContext) -> dict | None:
 def _fetch_watchdog_log(ctx: RunContext) -> Path:
     """Bring the watchdog's log home (to settle billing with its power-off time); where it is."""
     log = ctx.run_dir / "logs" / "watchdog.log"
-    with contextlib.suppress(ProviderFailure, EOFError, OSError):  # the watchdog may be powering off
+    with contextlib.suppress(*HOST_LOST):  # the watchdog may be powering off
         ctx.host.fetch_host_log("watchdog.log", log)
     return log
 
@@ -613,17 +667,18 @@ def _off_after_training(ctx: RunContext) -> bool:
 
 
 def _surviving_power_off(ctx: RunContext, action: Callable[[], T]) -> T:
-    """action() on the run's host; if the host was lost because the instance powered itself off
-    meanwhile (its watchdog), boot it without the GPU and do action() again there."""
-    try:
-        return action()
-    except (ProviderFailure, EOFError, OSError):  # a link cut mid-read can surface raw from paramiko
-        if ctx.instance_id is None or not _going_off(ctx):
-            raise
-    ctx.reporter.info(f"instance {ctx.instance_id} powered itself off (watchdog); booting it without the GPU")
-    _drop_host(ctx)
-    _open_host(ctx, _setup_mode(ctx), with_image=True)
-    return action()
+    """action() on the run's host, which runs without the GPU; if the host was lost because the
+    instance went off meanwhile (powered off from outside, or by a watchdog still at work),
+    boot it without the GPU again and do action() again there, up to MAX_POWER_CUTS times."""
+    for cut in itertools.count():
+        try:
+            return action()
+        except HOST_LOST:
+            if ctx.instance_id is None or not _going_off(ctx):
+                raise
+        _count_power_cut(ctx, ctx.phase or "the run", cut)
+        _drop_host(ctx)
+        _open_host(ctx, _setup_mode(ctx), with_image=True)
 
 
 def _going_off(ctx: RunContext, within_s: float = 30.0) -> bool:
@@ -640,7 +695,7 @@ def _drop_host(ctx: RunContext) -> None:
     """Let go of the host without removing the run's files; one already gone is fine."""
     host, ctx.host = ctx.host, None
     if host is not None:
-        with contextlib.suppress(ProviderFailure, EOFError, OSError):
+        with contextlib.suppress(*HOST_LOST):
             host.close(keep_workspace=True)
 
 
