@@ -6,6 +6,9 @@ one security check. The scoreboard prints a table and one JSON line:
   bad inputs tried / handled      tests/bad_inputs (exit code, one line, no state changed)
   fault scenarios run / survived  tests/faults, where it exists
   security checks passed          tests marked `security` in any of them
+  artifacts lost, GPU overrun     what the fault scenarios measured (tests/faults/checks.py):
+                                  artifacts whose sha256 no longer held, and the most seconds
+                                  a GPU-mode boot outlived training
 
 Run from the repository root: `.venv/bin/python -m bench.reliability [--full]` (--full also
 runs the slow fault scenarios, as RUNNER_FAULTS=full does for pytest).
@@ -23,6 +26,8 @@ import xml.etree.ElementTree as ElementTree
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests.faults.checks import RECORD_ENV, WATCHDOG_BOUND_S
+
 REPO = Path(__file__).resolve().parents[1]
 SUITES = {"bad inputs": "tests/bad_inputs", "fault scenarios": "tests/faults"}
 
@@ -32,6 +37,24 @@ class Tally:
     tried: int = 0
     held: int = 0
     failed: tuple[str, ...] = ()
+
+
+@dataclass
+class Figures:
+    artifacts: int = 0
+    artifacts_lost: int = 0
+    gpu_overrun_s: float = 0.0
+
+
+def read_figures(path: Path) -> Figures:
+    """Sum what the fault checks recorded (one JSON line per check)."""
+    figures = Figures()
+    lines = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
+    for entry in map(json.loads, lines):
+        figures.artifacts += entry.get("artifacts", 0)
+        figures.artifacts_lost += entry.get("artifacts_lost", 0)
+        figures.gpu_overrun_s = max(figures.gpu_overrun_s, entry.get("gpu_overrun_s", 0.0))
+    return figures
 
 
 def run_suite(folder: str, marker: str | None, env: dict[str, str]) -> Tally:
@@ -72,14 +95,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--full", action="store_true", help="also the slow fault scenarios")
     args = parser.parse_args()
-    env = {**os.environ, **({"RUNNER_FAULTS": "full"} if args.full else {})}
-    tallies = {name: run_suite(folder, None, env) for name, folder in SUITES.items()}
-    security = run_suite("tests", "security", env)
+    with tempfile.TemporaryDirectory() as scratch:
+        record = Path(scratch) / "figures.jsonl"
+        env = {**os.environ, RECORD_ENV: str(record)}
+        if args.full:
+            env["RUNNER_FAULTS"] = "full"
+        tallies = {name: run_suite(folder, None, env) for name, folder in SUITES.items()}
+        figures = read_figures(record)
+    security = run_suite("tests", "security", {**os.environ})
     print(f"{'suite':<18}{'tried':>7}{'held':>7}")
     for name, tally in {**tallies, "security checks": security}.items():
         print(f"{name:<18}{tally.tried:>7}{tally.held:>7}")
         for failed in tally.failed:
             print(f"  FAILED {failed}")
+    print(f"artifacts checked {figures.artifacts}, lost {figures.artifacts_lost}")
+    print(f"most GPU-mode seconds past training: {figures.gpu_overrun_s:.1f} (bound: {WATCHDOG_BOUND_S})")
     bad, faults = tallies["bad inputs"], tallies["fault scenarios"]
     print(
         json.dumps(
@@ -90,6 +120,9 @@ def main() -> None:
                 "scenarios_survived": faults.held,
                 "security_checks": security.tried,
                 "security_checks_passed": security.held,
+                "artifacts_checked": figures.artifacts,
+                "artifacts_lost": figures.artifacts_lost,
+                "max_gpu_overrun_s": figures.gpu_overrun_s,
             }
         )
     )

@@ -6,6 +6,11 @@ provider's own stop time (AutoDL's `stopped_at`), the watchdog's power-off time 
 home with the run), and last the moment the controller saw it off. A witness's time is taken
 only where it lies inside the interval it ends, so a skewed clock can shorten or lengthen an
 interval by no more than the controller's own observation allows.
+
+The controller's own observation is made jump-proof where it can be: a boot and its stop seen
+by one process are timed on a steady clock (steady_now: it counts suspend but no wall-clock
+step, so an NTP correction or a hand-set clock on the laptop moves no interval's length), and
+a boot never starts before the instance's previous interval ended.
 """
 
 from __future__ import annotations
@@ -26,26 +31,43 @@ def open_for_boot(
     instance: Instance,
     mode: PowerMode,
     since: float,
-) -> None:
+) -> float | None:
     """Open the interval of a boot in mode that began at since, unless the open one already
-    bills this mode (a resumed run finding the instance as it left it)."""
+    bills this mode (a resumed run finding the instance as it left it); the start of the
+    interval opened, None if none was."""
     current = store.open_interval_of(instance.id)
     if current is not None and current.mode == mode.value:
-        return
+        return None
     if current is not None:  # booted in the other mode since: that interval ended when asked
         store.close_interval(instance.id, since, "controller")
+    ended = [i.ended_at for i in store.ledger(run_id) if i.instance_id == instance.id and i.ended_at]
+    since = max([since, *ended])  # a laptop clock set back never makes two intervals overlap
     rate, currency = pricing.rate(spec, instance, mode)
     store.open_interval(
         cost.Interval(instance.id, mode.value, since, None, rate, currency, "controller", run_id, phase)
     )
+    return since
 
 
-def close_at_stop(store: Store, instance: Instance, seen_at: float) -> None:
+def steady_now() -> float:
+    """Seconds on a clock that counts suspend but no wall-clock step (Linux's CLOCK_BOOTTIME;
+    elsewhere the monotonic clock)."""
+    boottime = getattr(time, "CLOCK_BOOTTIME", None)
+    return time.clock_gettime(boottime) if boottime is not None else time.monotonic()
+
+
+def close_at_stop(
+    store: Store, instance: Instance, seen_at: float, opened: tuple[float, float] | None = None
+) -> None:
     """End the instance's open interval: at the provider's stop time when it reports one inside
-    the interval, else at seen_at, when the controller saw it off."""
+    the interval, else at seen_at, when the controller saw it off. opened, (the interval's
+    start, steady_now() then) when this process opened it, times the interval on the steady
+    clock instead of the wall clock that seen_at is read from."""
     current = store.open_interval_of(instance.id)
     if current is None:
         return
+    if opened is not None and opened[0] == current.started_at:
+        seen_at = current.started_at + steady_now() - opened[1]
     stopped = instance.stopped_at
     if stopped is not None and current.started_at <= stopped <= seen_at:
         store.close_interval(instance.id, stopped, "provider")

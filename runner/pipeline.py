@@ -71,6 +71,7 @@ class RunContext:
     pinned: Pinned | None = None  # set on resume: what the run used before, checked by plan
     phase: str | None = None  # the phase running now
     watchdog_stop: dict | None = None  # the watchdog's decision to stop training (its reason)
+    boot_clock: tuple[float, float] | None = None  # the open interval's start, steady_now() then
     source: dict | None = None  # the git checkouts of runner and of the job (runner.provenance)
     reproduces: str | None = None  # the run this one runs again (`runner reproduce`)
 
@@ -466,12 +467,28 @@ def _boot(ctx: RunContext, mode: PowerMode) -> Instance:
     provider = ctx.provider
     if _train_mode(ctx) is PowerMode.GPU:
         _check_gpu_price(ctx)
+    _close_if_gone_off(ctx)
     ctx.reporter.info(f"booting {ctx.instance_id} ({mode.value} mode)")
-    requested = time.time()
+    requested, steady = time.time(), billing.steady_now()
     instance = instances.boot(provider.api, ctx.instance_id, mode, provider.boot_policy, ctx.reporter.info)
     ctx.store.add_event(ctx.run.id, "instance.powered_on", id=ctx.instance_id, mode=mode.value)
-    billing.open_for_boot(ctx.store, ctx.loaded.spec, ctx.run.id, ctx.phase, instance, mode, requested)
+    opened = billing.open_for_boot(
+        ctx.store, ctx.loaded.spec, ctx.run.id, ctx.phase, instance, mode, requested
+    )
+    if opened is not None:
+        ctx.boot_clock = (opened, steady)
     return instance
+
+
+def _close_if_gone_off(ctx: RunContext) -> None:
+    """An instance that went off by itself (its watchdog, or from outside) still has its
+    interval open: closed here with what the provider and this process's steady clock say."""
+    if ctx.store.open_interval_of(ctx.instance_id) is None:
+        return
+    now = ctx.provider.api.describe(ctx.instance_id)
+    if now.state is InstanceState.STOPPED:
+        opened, ctx.boot_clock = ctx.boot_clock, None
+        billing.close_at_stop(ctx.store, now, time.time(), opened)
 
 
 def _check_gpu_price(ctx: RunContext) -> None:
@@ -488,7 +505,8 @@ def _check_gpu_price(ctx: RunContext) -> None:
 def _power_off(ctx: RunContext) -> None:
     stopped = instances.shut(ctx.provider.api, ctx.instance_id, ctx.provider.boot_policy)
     ctx.store.add_event(ctx.run.id, "instance.powered_off", id=ctx.instance_id)
-    billing.close_at_stop(ctx.store, stopped, time.time())
+    opened, ctx.boot_clock = ctx.boot_clock, None
+    billing.close_at_stop(ctx.store, stopped, time.time(), opened)
 
 
 def _note_balance(ctx: RunContext, when: str) -> None:

@@ -357,6 +357,23 @@ class RemoteHost:
             )
         return digest
 
+    def require_space(self, path: str, needed: int, what: str) -> None:
+        """Refuse (ProviderFailure) to write `needed` bytes for `what` under path when its disk
+        has less free: a clear line now instead of a disk found full halfway. The nearest
+        existing folder above path is asked (POSIX `df -Pk`); a host that cannot tell is let be."""
+        probe = 'p="$1"; while [ ! -e "$p" ]; do p=$(dirname "$p"); done; df -Pk -- "$p"'
+        result = self.run(["sh", "-c", probe, "sh", check_remote_path(path)])
+        try:
+            free = int(result.stdout.splitlines()[-1].split()[3]) * 1024
+        except (IndexError, ValueError):
+            return
+        if result.exit_code == 0 and free < needed:
+            raise ProviderFailure(
+                f"not enough space on {self.endpoint.address} in {path} for {what}:"
+                f" {needed / 1e6:.1f} MB needed, {free / 1e6:.1f} MB free"
+                " (free some, or give the instance a bigger data disk)"
+            )
+
     # -- transfers --------------------------------------------------------------
 
     def put(self, local_path: Path, remote_path: str, progress: Progress | None = None) -> Transfer:

@@ -19,7 +19,15 @@ from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, Protocol
 
 from runner.errors import BadInput, ProviderFailure
-from runner.layers import ImageLayers, LayerProgress, RemoteLayout, SyncReport, digest_hex, sync_layers
+from runner.layers import (
+    ImageLayers,
+    LayerProgress,
+    RemoteLayout,
+    SyncReport,
+    digest_hex,
+    remote_layers,
+    sync_layers,
+)
 from runner.remote import RemoteHost
 from runner.steps import DetachedSteps, StepHandle, StepStatus, absolute_folder, step_folder
 
@@ -146,7 +154,9 @@ class RootfsRuntime(DetachedSteps):
         note: Callable[[str], None] | None = None,
     ) -> SyncReport:
         """Send the layers the host's cache lacks, then unpack them (unless already unpacked).
-        The cache's files are named by their diffIDs, verified on receipt, so not hashed again."""
+        The cache's files are named by their diffIDs, verified on receipt, so not hashed again.
+        The space both need is asked for first."""
+        self._require_space(layers)
         report = sync_layers(
             self.host, layers, self.data_dir, progress, registry=registry, steps=self, note=note
         )
@@ -155,6 +165,16 @@ class RootfsRuntime(DetachedSteps):
         rootfs = self.prepare(layers.image_id, tars, [digest_hex(d) for d in layers.diff_ids])
         self._prepared = (rootfs, json.loads(layers.config))
         return report
+
+    def _require_space(self, layers: ImageLayers) -> None:
+        """The data disk must hold the layers its cache lacks and, unless the image is unpacked
+        already, its rootfs (about the layers' total size)."""
+        unique = dict.fromkeys(layers.diff_ids)
+        cached = remote_layers(self.host, self.data_dir)
+        needed = sum(layers.size_of(d) for d in unique if d not in cached)
+        if self._unpacked_layers(self._rootfs_of(layers.image_id)) is None:
+            needed += sum(layers.size_of(d) for d in unique)
+        self.host.require_space(self.data_dir, needed, f"image {layers.image_id[:19]}")
 
     def start_step(
         self, run_dir_remote: str, step_name: str, script: str, env: Mapping[str, str], gpus: int
@@ -183,7 +203,7 @@ class RootfsRuntime(DetachedSteps):
         else under its name (an interrupted or different unpack) is removed first. Unpacking
         goes to a temporary name renamed at the end, so a rootfs under its real name is whole.
         """
-        root = f"{self.base}/rootfs/{_image_hex(image_id)}"
+        root = self._rootfs_of(image_id)
         tars = [absolute_folder(path) for path in layer_tars]
         if not tars:
             raise BadInput(f"no layers given for image {image_id}")
@@ -205,9 +225,13 @@ class RootfsRuntime(DetachedSteps):
         if result.exit_code != 0:
             self.host.run(["sh", "-c", _REMOVE_SH, "sh", tmp], timeout=timeout)
             error = BadInput if result.exit_code == 2 else ProviderFailure
-            raise error(f"cannot unpack image {image_id} on {self._where()}: {result.stderr.strip()}")
+            why = (result.stderr.strip().splitlines() or ["no reason given"])[-1]  # after its notes
+            raise error(f"cannot unpack image {image_id} on {self._where()}: {why}")
         self._check(self.host.run(["mv", "-T", "--", tmp, root]), f"rename {tmp}")
         return root
+
+    def _rootfs_of(self, image_id: str) -> str:
+        return f"{self.base}/rootfs/{_image_hex(image_id)}"
 
     def _unpacked_layers(self, root: str) -> list[str] | None:
         """The layer digests a finished unpack recorded in root, or None."""

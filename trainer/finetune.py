@@ -47,6 +47,7 @@ from trainer.lora import TARGETS, LoRAConfig, apply_lora, count_trainable, load_
 from trainer.model import LLaMA
 from trainer.train_state import (
     Checkpoint,
+    CheckpointSpaceError,
     Metrics,
     Progress,
     ResumeError,
@@ -554,6 +555,9 @@ def main(argv: list[str] | None = None) -> int:
         summary = train(cfg, log, resume_from=args.resume)
     except (DataError, ResumeError, DeviceError) as err:
         return _fail(err)
+    except CheckpointSpaceError as err:
+        print(f"error: {err.strerror}", file=sys.stderr)
+        return 1
     except FileNotFoundError as err:
         return _fail(f"{err.filename}: no such file or folder")
     if int(os.environ.get("RANK", "0")) != 0:

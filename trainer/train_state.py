@@ -17,6 +17,7 @@ half-written one. The .pt files hold tensors and plain values only, so they load
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -57,6 +58,10 @@ class ResumeError(ValueError):
     """A checkpoint that cannot be resumed from as asked, or one in the way of a fresh start."""
 
 
+class CheckpointSpaceError(OSError):
+    """The disk filled up while a checkpoint was written; the half-written one is gone."""
+
+
 @dataclass(frozen=True)
 class Checkpoint:
     path: Path
@@ -93,13 +98,25 @@ def save_checkpoint(
     final = root / f"step-{step:06d}"
     tmp = root / f".tmp-{final.name}"
     shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while saving
-    tmp.mkdir()
-    save_adapters(model, lora, tmp)
-    torch.save(optimizer.state_dict(), tmp / OPTIMIZER)
-    torch.save(state, tmp / STATE)
-    (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-    for path in tmp.iterdir():
-        _fsync(path)
+    try:
+        tmp.mkdir()
+        save_adapters(model, lora, tmp)
+        torch.save(optimizer.state_dict(), tmp / OPTIMIZER)
+        torch.save(state, tmp / STATE)
+        (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        for path in tmp.iterdir():
+            _fsync(path)
+    except Exception as exc:  # torch and safetensors report a full disk as errors of their own
+        full = _out_of_space(exc, root)  # asked before the half-written files free their space
+        shutil.rmtree(tmp, ignore_errors=True)  # never taken for a checkpoint
+        if not full:
+            raise
+        last = checkpoint_steps(root)
+        raise CheckpointSpaceError(
+            errno.ENOSPC,
+            f"no space left in {root} to save the checkpoint of step {step}; the last complete"
+            f" one is {f'step {last[-1]}' if last else 'none'} (free some space, then resume)",
+        ) from exc
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -111,6 +128,13 @@ def save_checkpoint(
         if s not in kept:
             shutil.rmtree(root / f"step-{s:06d}")
     return final
+
+
+def _out_of_space(exc: BaseException, root: Path) -> bool:
+    """Whether a failed write failed for want of space (torch hides the errno in its message)."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return shutil.disk_usage(root).free < 1 << 20
 
 
 def checkpoint_steps(root: Path) -> list[int]:

@@ -1,8 +1,15 @@
-"""What every fault scenario must leave behind, checked the same way each time."""
+"""What every fault scenario must leave behind, checked the same way each time.
+
+With RUNNER_FAULTS_RECORD set to a file, each check also appends what it measured there as a
+JSON line (artifacts checked and lost, GPU-mode overrun), before it asserts: the figures
+bench/reliability.py reports.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 from pathlib import Path
 
 from runner.store import Store
@@ -15,11 +22,28 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+RECORD_ENV = "RUNNER_FAULTS_RECORD"
+
+
+def record(**figures: object) -> None:
+    """Append figures, named after the running test, to $RUNNER_FAULTS_RECORD if set."""
+    path = os.environ.get(RECORD_ENV)
+    if path:
+        test = os.environ.get("PYTEST_CURRENT_TEST", "").split(" ")[0]
+        with open(path, "a", encoding="utf-8") as out:
+            out.write(json.dumps({"test": test, **figures}) + "\n")
+
+
 def assert_artifacts_intact(payload: dict) -> None:
     """Every artifact the run reports is on disk with the sha256 it reports."""
     run_dir = Path(payload["run_dir"])
-    for artifact in payload["artifacts"]:
-        assert sha256(run_dir / artifact["path"]) == artifact["sha256"], artifact
+    lost = [
+        a["path"]
+        for a in payload["artifacts"]
+        if not (run_dir / a["path"]).is_file() or sha256(run_dir / a["path"]) != a["sha256"]
+    ]
+    record(artifacts=len(payload["artifacts"]), artifacts_lost=len(lost))
+    assert not lost, lost
 
 
 def assert_store_consistent(env: dict, run_id: str) -> None:
@@ -41,5 +65,6 @@ def assert_gpu_time_bounded(env: dict, run_id: str) -> float:
         assert interval["ended_at"] is not None, interval
         if interval["mode"] == "gpu":
             overrun = max(overrun, interval["ended_at"] - last_train_end)
+    record(gpu_overrun_s=round(overrun, 1))
     assert overrun <= WATCHDOG_BOUND_S, overrun
     return overrun

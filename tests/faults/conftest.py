@@ -13,7 +13,7 @@ import os
 import pytest
 
 from tests.emulator.conftest import cloud, instance_image, tiny_image  # noqa: F401 (fixtures used here)
-from tests.remote.conftest import root_key, sshd_image, start_host  # noqa: F401
+from tests.remote.conftest import images, root_key, sshd_image, start_host  # noqa: F401
 
 FULL = os.environ.get("RUNNER_FAULTS") == "full"
 

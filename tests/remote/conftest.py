@@ -135,7 +135,8 @@ def start_host(sshd_image, root_key, tmp_path_factory) -> Iterator[Callable[...,
     started: list[str] = []
     folder = tmp_path_factory.mktemp("host-keys")
 
-    def start(port: int | None = None) -> SshdHost:
+    def start(port: int | None = None, docker_args: tuple[str, ...] = ()) -> SshdHost:
+        """docker_args: more `docker run` options (a small --tmpfs as a data disk, say)."""
         port = port or free_port()
         host_key = make_key_pair(folder, f"host-{secrets.token_hex(4)}")
         password = secrets.token_urlsafe(12)
@@ -145,6 +146,7 @@ def start_host(sshd_image, root_key, tmp_path_factory) -> Iterator[Callable[...,
             "-e", f"SSHD_HOST_KEY={host_key.private_pem}",
             "-e", f"SSHD_AUTHORIZED_KEY={root_key.public_line}",
             "-e", f"SSHD_USER_PASSWORD={password}",
+            *docker_args,
             sshd_image,
         )  # fmt: skip
         started.append(name)

@@ -234,3 +234,46 @@ def test_sigterm_saves_exits_0_and_the_resumed_run_matches(inputs, tmp_path, cap
     assert main(finetune_command(inputs, reference)[3:]) == 0
     assert adapters(stopped) == adapters(reference)
     assert metrics_without_timing(stopped) == metrics_without_timing(reference)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 4 MiB tmpfs (needs the right to mount, as root in CI has)."""
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {made.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+@pytest.mark.unit
+def test_a_disk_full_while_checkpointing_fails_clearly_and_keeps_the_last_good_checkpoint(
+    inputs, uninterrupted, small_disk, tmp_path
+):
+    out = small_disk / "out"
+    filler = small_disk / "filler"
+
+    def fill_after_the_first_checkpoint(line: str) -> None:
+        if line.startswith("step 5/") and not filler.exists():  # step 4's checkpoint is saved
+            free = shutil.disk_usage(small_disk).free
+            filler.write_bytes(b"\0" * (free - 8192))  # room for metrics lines, not a checkpoint
+
+    from trainer.train_state import CheckpointSpaceError
+
+    with pytest.raises(CheckpointSpaceError) as raised:
+        train(tiny_config(inputs, out, log_interval=1), fill_after_the_first_checkpoint)
+    message = raised.value.strerror
+    assert "no space left in" in message and "checkpoint of step 8" in message
+    assert "the last complete one is step 4" in message
+    root = out / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-000004"]  # nothing half-written
+    assert (root / "latest").read_text() == "step-000004\n"
+
+    filler.unlink()  # space again: resuming from the kept checkpoint ends where an uninterrupted run does
+    moved = tmp_path / "out"
+    shutil.copytree(out, moved)
+    summary = train(tiny_config(inputs, moved), lambda _: None, resume_from="auto")
+    assert summary["resumed_from"].endswith("step-000004")
+    assert adapters(moved) == adapters(uninterrupted)

@@ -14,6 +14,7 @@ from runner.cost import Interval
 from runner.errors import BadInput, BudgetExceeded
 from runner.spec import load_spec
 from runner.store import Store
+from tests.unit.test_store import make_run
 
 pytestmark = pytest.mark.unit
 
@@ -146,3 +147,52 @@ def test_an_interval_ends_at_the_providers_stop_time_only_where_it_can_be(
         billing.close_at_stop(store, off, 1200.0)
         (closed,) = store.ledger()
     assert (closed.ended_at, closed.source) == (expected_end, source)
+
+
+@pytest.mark.parametrize("laptop_clock_step", [-3600.0, 0.0, 3600.0])
+def test_an_interval_this_process_opened_is_timed_on_the_steady_clock(tmp_path, laptop_clock_step):
+    """A wall clock stepped between boot and stop moves neither the interval's length nor which
+    witness ends it: 200 steady seconds after the boot, the provider's stop at +150 is taken."""
+    steady_at_boot = billing.steady_now() - 200.0  # the boot was asked for 200 s ago
+    with Store(tmp_path) as store:
+        store.open_interval(Interval("i-1", "gpu", 1000.0, None, 2.15, "CNY", "controller"))
+        billing.close_at_stop(
+            store,
+            Instance("i-1", InstanceState.STOPPED),
+            1200.0 + laptop_clock_step,
+            (1000.0, steady_at_boot),
+        )
+        (closed,) = store.ledger()
+        assert closed.source == "controller" and 1199.0 < closed.ended_at < 1202.0
+        store.open_interval(Interval("i-2", "gpu", 1000.0, None, 2.15, "CNY", "controller"))
+        off = Instance("i-2", InstanceState.STOPPED, stopped_at=1150.0)
+        billing.close_at_stop(store, off, 1200.0 + laptop_clock_step, (1000.0, steady_at_boot))
+        closed = store.ledger()[-1]
+    assert (closed.ended_at, closed.source) == (1150.0, "provider")
+
+
+def test_an_interval_opened_by_another_process_is_not_timed_by_this_ones_clock(tmp_path):
+    with Store(tmp_path) as store:
+        store.open_interval(Interval("i-1", "gpu", 1000.0, None, 2.15, "CNY", "controller"))
+        billing.close_at_stop(
+            store, Instance("i-1", InstanceState.STOPPED), 1200.0, (1100.0, billing.steady_now())
+        )
+        (closed,) = store.ledger()
+    assert closed.ended_at == 1200.0  # the steady reading belonged to another interval's boot
+
+
+def test_a_boot_after_the_laptop_clock_went_back_starts_where_the_last_interval_ended(tmp_path):
+    spec = spec_of(tmp_path)
+    with Store(tmp_path) as store:
+        store.create_run(make_run("run-1"))
+        store.open_interval(Interval("i-1", "gpu", 1000.0, 1500.0, 2.15, "CNY", "provider", "run-1"))
+        instance = Instance("i-1", InstanceState.RUNNING)
+        opened = billing.open_for_boot(
+            store, spec, "run-1", "collect", instance, PowerMode.CPU, 1500.0 - 3600
+        )
+        intervals = store.ledger("run-1")
+    assert opened == 1500.0
+    assert [(i.mode, i.started_at, i.ended_at) for i in intervals] == [
+        ("gpu", 1000.0, 1500.0),
+        ("cpu", 1500.0, None),
+    ]
