@@ -18,6 +18,7 @@ from pathlib import Path
 
 from runner.errors import NotFound, RunFailed
 from runner.home import private_dir, runner_home
+from runner.images import require_pinned_id
 from runner.spec import load_spec
 from runner.store import open_store
 
@@ -28,6 +29,7 @@ def start(job: Path, out_dir: Path, *, accept_new_host_key: bool, run_id_for) ->
     """Start the run of job in the background; what `submit --detach` reports (run_id, run_dir,
     pid, log) once the run is recorded. run_id_for(job name) makes the run's ID."""
     loaded = load_spec(job)
+    require_pinned_id(loaded)  # refused here, in the foreground, like a bad spec
     run_id = run_id_for(loaded.spec.name)
     log = private_dir(runner_home() / "detached") / f"{run_id}.log"
     argv = [

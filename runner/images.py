@@ -99,6 +99,14 @@ def resolve_image(loaded: LoadedSpec, log: LogSink) -> ResolvedImage:
     return ResolvedImage(image=image, base=base, build_args=dict(build.args))
 
 
+def require_pinned_id(loaded: LoadedSpec) -> None:
+    """Refuse a spec that pins an image ID the engine lacks before any run is recorded for it
+    (a reference by digest may still be pulled at plan)."""
+    ref = loaded.spec.image.ref
+    if ref is not None and ref.startswith("sha256:"):
+        _pinned(docker_client(), ref)
+
+
 def _pinned(client, ref: str) -> ImageInfo:
     from docker.errors import ImageNotFound
 

@@ -37,7 +37,7 @@ from runner.errors import (
     RunnerError,
 )
 from runner.files import sha256_file, write_json_atomic
-from runner.images import ResolvedImage, resolve_image, write_lock
+from runner.images import ResolvedImage, require_pinned_id, resolve_image, write_lock
 from runner.layer_sources import RegistrySource, resolve_source
 from runner.manifest import Artifact, InputRecord
 from runner.spec import LoadedSpec, load_spec
@@ -148,6 +148,7 @@ def submit(
     run this one runs again, for its manifest; run_id: the ID `submit --detach` chose)."""
     loaded = load_spec(spec_path)
     provider = provider_for(loaded.spec.provider, accept_new_host_key=accept_new_host_key)
+    require_pinned_id(loaded)
     with open_store() as store:
         run_id = run_id or new_run_id(loaded.spec.name)
         with runlock.hold(run_id):

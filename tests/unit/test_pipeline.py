@@ -68,6 +68,7 @@ def submit(tmp_path, monkeypatch):
     spec.write_text(SPEC, encoding="utf-8")
     image = ResolvedImage(image=ImageInfo(ref="sha256:" + "a" * 64, id="sha256:" + "a" * 64))
     monkeypatch.setattr(pipeline, "resolve_image", lambda loaded, log: image)
+    monkeypatch.setattr(pipeline, "require_pinned_id", lambda loaded: None)
 
     def run_with(host: FailingHost):
         monkeypatch.setattr(pipeline, "provider_for", lambda settings, **options: InProcessProvider(host))
