@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, NamedTuple
 
 from runner.errors import BadInput, ProviderFailure
-from runner.files import CHUNK, write_json_atomic
+from runner.files import CHUNK, sha256_file, write_json_atomic
 from runner.home import private_dir, runner_home
 from runner.remote import check_remote_path, sha256_argv
 
@@ -591,7 +591,9 @@ def _send_layers(
     try:
         packed = [pool.submit(compress_layer, image.cache, e.diff_id, choice.codec) for e in entries]
         sent = sum(
-            _send_layer(host, layout, entry, future.result(), choice, progress)
+            _send_layer(
+                host, layout, entry, future.result(), image.cache.layer(entry.diff_id), choice, progress
+            )
             for entry, future in zip(entries, packed, strict=True)
         )
     finally:
@@ -605,11 +607,14 @@ def _send_layer(
     layout: RemoteLayout,
     entry: LayerEntry,
     packed: Path,
+    source: Path,
     choice: CodecChoice,
     progress: LayerProgress | None,
 ) -> int:
     """Upload the compressed layer (resumable, verified), decompress and verify it on the host;
-    return the bytes sent."""
+    return the bytes sent. A layer that arrives as other bytes than its diffID names was
+    corrupt at home: the compressed copy goes, and the cached layer (source) too if it no
+    longer hashes to its name, so that the next sync takes it from the engine again."""
     upload = layout.upload(entry.diff_id, choice.codec)
     report = None if progress is None else (lambda done, total: progress(entry.diff_id, done, total))
     transfer = host.put(packed, upload, progress=report)
@@ -618,9 +623,13 @@ def _send_layer(
     result = host.run(argv, timeout=120 + entry.size / 20e6)
     if result.exit_code == 3:
         packed.unlink(missing_ok=True)  # the next sync compresses it afresh
+        dropped = "the compressed copy was dropped"
+        if sha256_file(source)[0] != digest_hex(entry.diff_id):
+            source.unlink()
+            dropped = f"the laptop's cached copy {source} was corrupt and is removed"
         raise ProviderFailure(
-            f"layer {entry.diff_id} decompressed on {host.endpoint.address} to sha256:"
-            f"{result.stdout.strip()}; the compressed copy was dropped, retry the sync"
+            f"layer {entry.diff_id} arrived on {host.endpoint.address} as sha256:"
+            f"{result.stdout.strip()}; {dropped}, retry the sync"
         )
     if result.exit_code != 0:
         raise ProviderFailure(

@@ -190,8 +190,7 @@ def resume(ref: str, reporter: Reporter, *, accept_new_host_key: bool = False) -
         loaded = _spec_as_run(run)
         provider = provider_for(loaded.spec.provider, accept_new_host_key=accept_new_host_key)
         run_dir = Path(run.run_dir)
-        for sub in ("artifacts", "logs"):
-            (run_dir / sub).mkdir(parents=True, exist_ok=True)
+        _make_run_dir_parts(run_dir, run.id)  # (a folder from before markers is adopted)
         done = _finished_phases(store.phases(run.id))
         store.abandon_phases(run.id, "the runner process driving it ended during this phase")
         store.reopen_run(run.id)
@@ -888,22 +887,26 @@ def _make_run_dir(out_root: Path, run_id: str) -> Path:
         run_dir.mkdir()
     except FileExistsError:
         raise BadInput(f"run folder {run_dir} already exists; refusing to overwrite it") from None
-    _make_run_dir_parts(run_dir)
+    _make_run_dir_parts(run_dir, run_id)
     return run_dir
 
 
-def _make_run_dir_parts(run_dir: Path) -> None:
+RUN_MARKER = ".runner-run"  # the run's ID; its absence tells a deleted (or replaced) folder
+
+
+def _make_run_dir_parts(run_dir: Path, run_id: str) -> None:
     for sub in ("artifacts", "logs"):
-        (run_dir / sub).mkdir(exist_ok=True)
+        (run_dir / sub).mkdir(parents=True, exist_ok=True)
+    (run_dir / RUN_MARKER).write_text(run_id + "\n", encoding="utf-8")
 
 
 def _keep_run_dir(ctx: RunContext) -> None:
     """Make the run's folder again if it was deleted while the run went on (its record, manifest
-    included, lives in the store; the artifacts are still on the host until teardown)."""
-    if ctx.run_dir.is_dir():
+    included, lives in the store; the artifacts are still on the host until teardown). Its
+    marker tells, even where a log written meanwhile has made part of the folder again."""
+    if (ctx.run_dir / RUN_MARKER).is_file():
         return
-    ctx.run_dir.mkdir(parents=True)
-    _make_run_dir_parts(ctx.run_dir)
+    _make_run_dir_parts(ctx.run_dir, ctx.run.id)
     ctx.store.add_event(ctx.run.id, "run_dir.recreated", path=str(ctx.run_dir))
     ctx.reporter.warn(
         f"the run folder {ctx.run_dir} was deleted while the run went on: made it again"

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from runner.store import Run, open_store
+from tests.remote.conftest import images, root_key, sshd_host, sshd_image, start_host  # noqa: F401 (fixtures)
 
 REPO = Path(__file__).parents[2]
 

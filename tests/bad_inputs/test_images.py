@@ -37,3 +37,31 @@ def test_syncing_an_image_the_engine_lacks_is_refused_before_the_host_is_contact
     line = one_line_error(proc)
     assert ABSENT in line and "local" in line, line
     assert workspace.snapshot() == before
+
+
+def test_a_layer_corrupt_in_the_laptops_cache_is_refused_by_the_host_and_dropped(
+    workspace, sshd_host, images
+):
+    """A bit flipped in a cached layer (same size, other bytes) arrives with the wrong digest:
+    the host refuses it, the laptop drops its copy, and the next sync takes it from the engine."""
+    from runner.layers import LayerCache, image_layers
+
+    cache = LayerCache(workspace.home / "layers")
+    layers = image_layers(images["first"], cache)
+    top = cache.layer(layers.diff_ids[-1])
+    data = bytearray(top.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    top.write_bytes(bytes(data))
+    login = ["--host", f"root@127.0.0.1:{sshd_host.port}", "--key", str(sshd_host.root_key)]
+    login += ["--data-dir", f"/root/corrupt-{workspace.home.parent.name}"[:60]]
+
+    failed = workspace.runner("image", "sync", images["first"], *login, timeout=600)
+    assert failed.returncode == 3, failed.stderr[-2000:]
+    line = failed.stderr.strip().splitlines()[-1]  # after the transfer's progress lines: one error line
+    assert line.startswith("error: ") and "Traceback" not in failed.stderr
+    assert f"layer {layers.diff_ids[-1]} arrived on 127.0.0.1:{sshd_host.port} as sha256:" in line
+    assert f"the laptop's cached copy {top} was corrupt and is removed, retry the sync" in line
+    assert not top.exists()
+    again = workspace.runner("image", "sync", images["first"], *login, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert top.exists() and top.stat().st_size == len(data)
