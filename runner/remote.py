@@ -329,6 +329,13 @@ class RemoteHost:
                 f"lost the SSH connection to {self.endpoint.address} while running {argv[0]}: {_reason(exc)}"
             ) from exc
 
+    def query(self, argv: Sequence[str], timeout: float = 600.0) -> CommandResult:
+        """Run a command that only reads (so is safe to run twice): a connection lost meanwhile
+        is made again and the command run again, as transfers are, a capped number of times."""
+        return self._retrying(
+            f"running {argv[0]} on {self.endpoint.address}", lambda: self._exec(argv, timeout)
+        )
+
     def _exec(self, argv: Sequence[str], timeout: float) -> CommandResult:
         if not argv:
             raise ValueError("empty command")

@@ -128,7 +128,7 @@ class DetachedSteps:
 
     def poll(self, handle: StepHandle) -> StepStatus:
         """Whether the step still runs, and its exit code once it ended."""
-        out = self._check(self.host.run(["sh", "-c", _POLL_SH, "sh", handle.step_dir]), "poll").stdout
+        out = self._check(self.host.query(["sh", "-c", _POLL_SH, "sh", handle.step_dir]), "poll").stdout
         word, _, code = out.strip().partition(" ")
         if word == "exited":
             return StepStatus(StepState.EXITED, int(code))
@@ -137,7 +137,7 @@ class DetachedSteps:
     def read_log(self, handle: StepHandle, offset: int = 0, limit: int = LOG_CHUNK) -> tuple[bytes, int]:
         """Log bytes from offset on (at most limit), and the offset to continue from."""
         argv = ["sh", "-c", _READ_LOG_SH, "sh", f"{handle.step_dir}/log", str(offset), str(limit)]
-        data = base64.b64decode(self._check(self.host.run(argv), "read the log").stdout)
+        data = base64.b64decode(self._check(self.host.query(argv), "read the log").stdout)
         return data, offset + len(data)
 
     def wait(
