@@ -500,6 +500,7 @@ def sync_layers(
     registry: RegistrySource | None = None,
     steps: DetachedSteps | None = None,
     note: Callable[[str], None] | None = None,
+    also_needs: int = 0,
 ) -> SyncReport:
     """Put the image's layers into the host's layer cache, then its config and a manifest of
     its diffIDs in order. Layers the cache has are skipped; with a registry (and the host's
@@ -508,7 +509,8 @@ def sync_layers(
 
     needed limits the layers the cache must hold (default: all); the others (say, layers the
     host's Docker engine has) count as skipped. With verify, the layers the host claims are
-    hashed first and corrupt ones are replaced."""
+    hashed first and corrupt ones are replaced. Before anything moves, the data disk must have
+    room for the layers to come and also_needs bytes more (what the caller makes of them)."""
     from runner import layer_fetch, link_speeds
 
     started = time.monotonic()
@@ -520,6 +522,7 @@ def sync_layers(
         present = {d for d in present if verify_remote_layer(host, layout.data_dir, d)}
     present |= set(image.diff_ids) - wanted
     plan = plan_sync(image, present)
+    host.require_space(data_dir, plan.bytes_to_send + also_needs, f"image {image.image_id[:19]}")
     servable = registry.blobs if registry is not None and steps is not None else {}
     fetch_entries = [e for e in plan.send if e.diff_id in servable]
     send_entries = [e for e in plan.send if e.diff_id not in servable]

@@ -332,7 +332,6 @@ def _run_phase(ctx: RunContext, name: str) -> None:
         ctx.store.skip_phase(ctx.run.id, name, skip_reason)
         ctx.reporter.phase(name, "skipped", skip_reason)
         return
-    _keep_run_dir(ctx)
     attempt = ctx.store.start_phase(ctx.run.id, name)
     ctx.phase = name
     ctx.reporter.phase(name, "started")
@@ -696,7 +695,7 @@ def _surviving_power_off(ctx: RunContext, action: Callable[[], T]) -> T:
                 raise
         _count_power_cut(ctx, ctx.phase or "the run", cut)
         _drop_host(ctx)
-        _open_host(ctx, _setup_mode(ctx), with_image=True)
+        _open_host(ctx, _setup_mode(ctx), with_image=False)  # stage's action ensures the image itself
 
 
 def _going_off(ctx: RunContext, within_s: float = 30.0) -> bool:

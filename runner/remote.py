@@ -368,6 +368,8 @@ class RemoteHost:
         """Refuse (ProviderFailure) to write `needed` bytes for `what` under path when its disk
         has less free: a clear line now instead of a disk found full halfway. The nearest
         existing folder above path is asked (POSIX `df -Pk`); a host that cannot tell is let be."""
+        if needed <= 0:
+            return
         probe = 'p="$1"; while [ ! -e "$p" ]; do p=$(dirname "$p"); done; df -Pk -- "$p"'
         result = self.run(["sh", "-c", probe, "sh", check_remote_path(path)])
         try:

@@ -25,7 +25,6 @@ from runner.layers import (
     RemoteLayout,
     SyncReport,
     digest_hex,
-    remote_layers,
     sync_layers,
 )
 from runner.remote import RemoteHost
@@ -156,25 +155,23 @@ class RootfsRuntime(DetachedSteps):
         """Send the layers the host's cache lacks, then unpack them (unless already unpacked).
         The cache's files are named by their diffIDs, verified on receipt, so not hashed again.
         The space both need is asked for first."""
-        self._require_space(layers)
+        unpacked = self._unpacked_layers(self._rootfs_of(layers.image_id)) is not None
+        rootfs_bytes = 0 if unpacked else sum(layers.size_of(d) for d in dict.fromkeys(layers.diff_ids))
         report = sync_layers(
-            self.host, layers, self.data_dir, progress, registry=registry, steps=self, note=note
+            self.host,
+            layers,
+            self.data_dir,
+            progress,
+            registry=registry,
+            steps=self,
+            note=note,
+            also_needs=rootfs_bytes,
         )
         layout = RemoteLayout.at(self.data_dir)
         tars = [layout.layer(d) for d in layers.diff_ids]
         rootfs = self.prepare(layers.image_id, tars, [digest_hex(d) for d in layers.diff_ids])
         self._prepared = (rootfs, json.loads(layers.config))
         return report
-
-    def _require_space(self, layers: ImageLayers) -> None:
-        """The data disk must hold the layers its cache lacks and, unless the image is unpacked
-        already, its rootfs (about the layers' total size)."""
-        unique = dict.fromkeys(layers.diff_ids)
-        cached = remote_layers(self.host, self.data_dir)
-        needed = sum(layers.size_of(d) for d in unique if d not in cached)
-        if self._unpacked_layers(self._rootfs_of(layers.image_id)) is None:
-            needed += sum(layers.size_of(d) for d in unique)
-        self.host.require_space(self.data_dir, needed, f"image {layers.image_id[:19]}")
 
     def start_step(
         self, run_dir_remote: str, step_name: str, script: str, env: Mapping[str, str], gpus: int

@@ -54,7 +54,7 @@ def test_a_disk_filling_up_while_the_image_unpacks_fails_in_one_line_leaving_no_
     data_dir = "/root/small/data"
     with Store(tmp_path) as store, RemoteHost(host.endpoint(), store) as remote:
         remote.connect()
-        sync_layers(remote, layers, data_dir)  # (no space check here: that is prepare_image's)
+        sync_layers(remote, layers, data_dir)  # room for the layers: only the rootfs is asked for later
         layout = RemoteLayout.at(data_dir)
         runtime = RootfsRuntime(remote, data_dir)
         with pytest.raises(ProviderFailure) as raised:

@@ -19,20 +19,9 @@ from runner.store import DB_NAME, Store
 from tests.emulator.cloud import runner, tiny_job
 from tests.faults.checks import assert_artifacts_intact, assert_gpu_time_bounded, assert_store_consistent
 from tests.faults.kills import EXPECTED, SETUP, TRAIN, log_has, submit_acting, wait_for
+from tests.unit.test_store import hold_write_lock
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
-
-
-def hold_write_lock(home: Path, seconds: float) -> subprocess.Popen:
-    """Another process that keeps a write transaction open on the state database."""
-    script = (
-        "import sqlite3, sys, time; db = sqlite3.connect(sys.argv[1], isolation_level=None);"
-        " db.execute('BEGIN IMMEDIATE'); print('held', flush=True); time.sleep(float(sys.argv[2]))"
-    )
-    argv = [sys.executable, "-c", script, str(home / DB_NAME), str(seconds)]
-    holder = subprocess.Popen(argv, stdout=subprocess.PIPE)
-    assert holder.stdout.readline() == b"held\n"
-    return holder
 
 
 def assert_whole_run(env: dict, code: int, payload: dict, stderr: str) -> None:
@@ -51,7 +40,7 @@ def test_a_state_database_locked_for_a_while_mid_training_only_delays_the_run(cl
             cloud,
             spec,
             log_has("train.log", "training"),
-            lambda: held.append(hold_write_lock(Path(cloud["RUNNER_HOME"]), 8)),
+            lambda: held.append(hold_write_lock(Path(cloud["RUNNER_HOME"]) / DB_NAME, 8)),
         )
     finally:
         for holder in held:
@@ -64,7 +53,7 @@ def test_a_submit_facing_a_database_locked_past_the_wait_fails_in_one_line(cloud
     home = Path(cloud["RUNNER_HOME"])
     with Store(home) as store:
         before = [run.id for run in store.list_runs(1000)]
-    holder = hold_write_lock(home, 60)
+    holder = hold_write_lock(home / DB_NAME, 60)
     try:
         env = {**cloud, "RUNNER_STATE_WAIT_S": "2"}
         done = runner(env, "submit", str(spec), "--out", str(tmp_path / "runs"))
