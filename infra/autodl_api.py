@@ -17,6 +17,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -72,8 +73,20 @@ class AutodlClient:
     def __repr__(self) -> str:  # the token stays out of any repr
         return f"AutodlClient({self.base_url!r})"
 
-    def call(self, method: str, path: str, body: dict | None = None, query: dict | None = None) -> object:
-        """The call's `data`, retrying Transient failures with capped exponential backoff."""
+    def call(
+        self,
+        method: str,
+        path: str,
+        body: dict | None = None,
+        query: dict | None = None,
+        *,
+        done_already: Callable[[], object | None] | None = None,
+    ) -> object:
+        """The call's `data`, retrying Transient failures with capped exponential backoff.
+
+        A Transient failure (a timeout, HTTP 500, a proxy's page) says nothing of whether the
+        call took effect. A call that must not take effect twice (a create) passes
+        `done_already`: it is asked before each retry, and what it finds is the answer."""
         delay = self.retry.first_delay
         for attempt in range(1, self.retry.attempts + 1):
             try:
@@ -84,6 +97,9 @@ class AutodlClient:
                 log.warning("AutoDL %s: %s; retrying in %.1fs", path, exc.message, delay)
                 time.sleep(delay)
                 delay = min(self.retry.max_delay, delay * 2)
+            found = done_already() if done_already else None
+            if found is not None:
+                return found
         raise AssertionError("unreachable")
 
     def _once(self, method: str, path: str, body: dict | None, query: dict | None) -> object:
@@ -124,7 +140,7 @@ def unwrap(raw: bytes, where: str) -> object:
     if "GPU不足" in message or "暂无库存" in message:
         raise NoCapacity(text)
     if "余额不足" in message:
-        raise InsufficientBalance(text)
+        raise InsufficientBalance(f"{text} (the account's balance is too low; top it up, then resume)")
     if "不存在" in message:
         raise InstanceNotFound(text)
     raise ProviderFailure(text)
@@ -193,7 +209,9 @@ class ConsoleInstances:
             },
             "price_info": {},
         }
-        return self.describe(str(self.client.call("POST", "/api/v1/order/instance/create/payg", body)))
+        return self.describe(
+            create_once(self.client, "/api/v1/order/instance/create/payg", body, "/api/v1/instance", name)
+        )
 
     def describe(self, instance_id: str) -> Instance:
         data = self.client.call("GET", "/api/v1/instance/snapshot", query={"instance_uuid": instance_id})
@@ -239,7 +257,11 @@ class ProInstances:
             **self.create_body,
             "instance_name": name,
         }
-        return self.describe(str(self.client.call("POST", "/api/v1/dev/instance/pro/create", body)))
+        return self.describe(
+            create_once(
+                self.client, "/api/v1/dev/instance/pro/create", body, "/api/v1/dev/instance/pro/list", name
+            )
+        )
 
     def describe(self, instance_id: str) -> Instance:
         data = self.client.call(
@@ -266,6 +288,28 @@ class ProInstances:
 
     def balance(self) -> float | None:
         return wallet_balance(self.client)
+
+
+def create_once(client: AutodlClient, path: str, body: dict, list_path: str, name: str) -> str:
+    """The new instance's ID. A create whose answer was lost (timeout, HTTP 500) may have taken
+    effect: before it is sent again, the instance is looked for by its name in list_path (run
+    names make instance names unique), so a retry never makes a second, unseen, billed one."""
+    made = client.call("POST", path, body, done_already=lambda: named(client, list_path, name))
+    return str(made)
+
+
+def named(client: AutodlClient, list_path: str, name: str) -> str | None:
+    """The ID of the instance called name, if the account has one."""
+    page, pages = 1, 1
+    while page <= pages:
+        data = client.call("POST", list_path, {"page_index": page, "page_size": 100})
+        if not isinstance(data, dict) or not isinstance(data.get("list"), list):
+            raise ProviderFailure(f"AutoDL {list_path}: unexpected answer {str(data)[:120]}")
+        for item in data["list"]:
+            if isinstance(item, dict) and item.get("instance_name") == name and item.get("uuid"):
+                return str(item["uuid"])
+        page, pages = page + 1, int(data.get("max_page") or 1)
+    return None
 
 
 def wallet_balance(client: AutodlClient) -> float:

@@ -101,6 +101,8 @@ class AwsSettings:
     ssh_user: str = "ubuntu"
     endpoint_url: str | None = None
     """Another EC2 endpoint (moto, a rehearsal); None for AWS's own."""
+    api_timeout_s: float = 30.0
+    """How long one API answer may take before botocore retries the call."""
     cpu_price_per_hour: float | None = None
     gpu_price_per_hour: float | None = None
     """Prices per hour in USD, for budgets; None where unknown."""
@@ -133,7 +135,7 @@ def make_client(settings: AwsSettings) -> Any:
     config = Config(
         retries={"mode": "standard", "max_attempts": 5},  # throttling and 5xx, with backoff
         connect_timeout=10,
-        read_timeout=60,
+        read_timeout=settings.api_timeout_s,
         user_agent_extra="gpu-runner",
     )
     return boto3.client("ec2", region_name=settings.region, endpoint_url=settings.endpoint_url, config=config)

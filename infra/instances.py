@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from infra.base import Instance, InstanceApi, InstanceState, PowerMode
-from runner.errors import NoCapacity, ProviderFailure
+from runner.errors import InstanceNotFound, NoCapacity, ProviderFailure
 
 Notify = Callable[[str], None]
 
@@ -94,11 +94,34 @@ def shut(api: InstanceApi, instance_id: str, policy: BootPolicy) -> Instance:
         if current.state in (InstanceState.STOPPED, InstanceState.RELEASED):
             return current
         if not asked and current.state in (InstanceState.RUNNING, InstanceState.STARTING):
-            api.power_off(instance_id)
+            try:
+                api.power_off(instance_id)
+            except ProviderFailure:
+                if not _in_state(api, instance_id, InstanceState.STOPPING, InstanceState.STOPPED):
+                    raise
+                # refused as already off: a retried call whose first answer was lost took effect
             asked = True
         if time.monotonic() > deadline:
             raise ProviderFailure(f"instance {instance_id} did not stop within {policy.stop_timeout_s:.0f}s")
         time.sleep(policy.poll_s)
+
+
+def release(api: InstanceApi, instance_id: str) -> None:
+    """Release the (stopped) instance; a release refused because it is done already (a retried
+    call whose first answer was lost) is done."""
+    try:
+        api.release(instance_id)
+    except ProviderFailure:
+        try:
+            if _in_state(api, instance_id, InstanceState.RELEASED):
+                return
+        except InstanceNotFound:
+            return  # gone from the account: released
+        raise
+
+
+def _in_state(api: InstanceApi, instance_id: str, *states: InstanceState) -> bool:
+    return api.describe(instance_id).state in states
 
 
 def sshd_answers(host: str, port: int, timeout: float = 3.0) -> bool:

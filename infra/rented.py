@@ -97,7 +97,12 @@ def _instance_api(settings: RentedSettings) -> InstanceApi:
         from infra.emulator import connection
 
         url, token = connection()
-        return ConsoleInstances(AutodlClient(url, token), image=EMULATOR_IMAGE, can_release=True, wallet=True)
+        return ConsoleInstances(
+            AutodlClient(url, token, timeout=settings.api_timeout_s),
+            image=EMULATOR_IMAGE,
+            can_release=True,
+            wallet=True,
+        )
     from runner.config import autodl_token_env
 
     variable = autodl_token_env(settings)
@@ -105,7 +110,7 @@ def _instance_api(settings: RentedSettings) -> InstanceApi:
     if not token:
         raise BadInput(f"the AutoDL token variable {variable} is not set")
     if settings.api == "pro":
-        client = AutodlClient(settings.url or DEVELOPER_URL, token)
+        client = AutodlClient(settings.url or DEVELOPER_URL, token, timeout=settings.api_timeout_s)
         return ProInstances(client, create_body=settings.create.pro_body() if settings.create else None)
-    client = AutodlClient(settings.url or CONSOLE_URL, token)
+    client = AutodlClient(settings.url or CONSOLE_URL, token, timeout=settings.api_timeout_s)
     return ConsoleInstances(client, image=settings.create.image if settings.create else "")

@@ -165,6 +165,11 @@ class DockerRuntime(DetachedSteps):
         plan_file = f"{self.base}/images/{digest_hex(layers.image_id)}.load.json"
         self.put_json(plan_file, plan)
         result = self.host.run(["python3", self.ship("load_image.py"), plan_file], timeout=3600)
+        if result.exit_code != 0 and "no space left on device" in result.stderr.lower():
+            raise ProviderFailure(
+                f"the Docker engine on {self._where()} has no space left for image {layers.image_id};"
+                " free some (docker system prune) and resume: the layers stay cached on the host"
+            )
         self._check(result, f"docker load {layers.image_id}")
         if not self._engine_has(layers.image_id):
             raise ProviderFailure(

@@ -840,7 +840,7 @@ def _end_instance(ctx: RunContext) -> None:
                 ctx.run.id, "step.stopped", step_dir=event.data["step_dir"], name=event.data["name"]
             )
     if after == "release" and ctx.instance_created:
-        ctx.provider.api.release(ctx.instance_id)
+        instances.release(ctx.provider.api, ctx.instance_id)
         ctx.store.add_event(ctx.run.id, "instance.released", id=ctx.instance_id)
 
 

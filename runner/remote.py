@@ -17,6 +17,7 @@ import logging
 import os
 import select
 import shlex
+import stat
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -497,9 +498,7 @@ class RemoteHost:
 
     def _get_once(self, remote: str, local: Path, tally: _Tally, progress: Progress | None) -> Transfer:
         sftp = self._sftp_client()
-        size = _remote_size(sftp, remote)
-        if size is None:
-            raise NotFound(f"no such file on {self.endpoint.address}: {remote}")
+        size = _downloadable_size(sftp, remote, self.endpoint.address)
         if tally.expected is None or tally.expected[1] != size:
             tally.expected = (self.sha256(remote, timeout=_hash_timeout(size)), size)
         sha = tally.expected[0]
@@ -569,6 +568,20 @@ def _remote_size(sftp: paramiko.SFTPClient, path: str) -> int | None:
         return sftp.stat(path).st_size
     except FileNotFoundError:
         return None
+
+
+def _downloadable_size(sftp: paramiko.SFTPClient, path: str, where: str) -> int:
+    """The size of a regular remote file. A link is refused, never followed: whatever wrote it
+    (a job, a host) could point it at any file the login can read."""
+    try:
+        found = sftp.lstat(path)
+    except FileNotFoundError:
+        raise NotFound(f"no such file on {where}: {path}") from None
+    if stat.S_ISLNK(found.st_mode or 0):
+        raise ProviderFailure(f"{path} on {where} is a link; refusing to download what it points to")
+    if not stat.S_ISREG(found.st_mode or 0):
+        raise ProviderFailure(f"{path} on {where} is not a regular file; refusing to download it")
+    return found.st_size
 
 
 def _prefix_digest(path: Path, length: int) -> hashlib._Hash:

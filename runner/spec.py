@@ -194,6 +194,7 @@ class _RentedInstance(_KeyLogin):
     limits: StepLimits = StepLimits()
     boot_timeout_s: Seconds = 600
     gpu_wait_s: Seconds = 1800
+    api_timeout_s: Annotated[float, Field(gt=0, le=600)] = 30  # one API call, before it is retried
 
 
 class AutodlCreate(Strict):
@@ -275,6 +276,7 @@ class AwsProvider(_RentedInstance):
             subnet_id=self.subnet_id,
             ssh_user=self.ssh_user,
             endpoint_url=self.endpoint_url,
+            api_timeout_s=self.api_timeout_s,
         )
 
 

@@ -103,7 +103,7 @@ def _wallet(emulator: Emulator) -> dict:
 
 _FAULT_TYPES = {
     "no_gpu_stock": int, "http_500": int, "malformed": int, "expire_token": bool, "low_balance": bool,
-    "slow_s": float,
+    "slow_s": float, "late": int, "late_s": float,
 }  # fmt: skip
 
 
@@ -155,8 +155,11 @@ class Handler(BaseHTTPRequestHandler):
             "Content-Type", "text/html" if isinstance(answer, bytes) else "application/json; charset=utf-8"
         )
         self.send_header("Content-Length", str(len(raw)))
-        self.end_headers()
-        self.wfile.write(raw)
+        try:
+            self.end_headers()
+            self.wfile.write(raw)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True  # the client gave up waiting (a late answer)
 
     def _body(self) -> object:
         length = int(self.headers.get("Content-Length") or 0)
@@ -187,8 +190,8 @@ class EmulatorServer(ThreadingHTTPServer):
         return f"http://{host}:{port}"
 
     def _take(self, fault: str) -> bool:
-        """Consume one of a counted fault (http_500, malformed), if any is left (exactly N
-        across threads)."""
+        """Consume one of a counted fault (http_500, malformed, late), if any is left (exactly
+        N across threads)."""
         with self._fault_lock:
             if getattr(self.faults, fault) <= 0:
                 return False
@@ -201,6 +204,10 @@ class EmulatorServer(ThreadingHTTPServer):
         if not hmac.compare_digest(token.encode(), self.token.encode()):
             return HTTPStatus.UNAUTHORIZED, envelope("AuthorizeFailed", AUTH_MSG)
         admin = path.startswith(ADMIN)
+        if not admin and self._take("late"):
+            answer = self._route(method, path, body, query)
+            time.sleep(self.faults.late_s)  # the client gave up meanwhile: the call's effect stays
+            return answer
         if not admin and self.faults.slow_s:
             time.sleep(self.faults.slow_s)
         if not admin and self._take("http_500"):
@@ -209,6 +216,9 @@ class EmulatorServer(ThreadingHTTPServer):
             return HTTPStatus.OK, MALFORMED
         if not admin and self.faults.expire_token:
             return HTTPStatus.OK, envelope("AuthorizeFailed", AUTH_MSG)
+        return self._route(method, path, body, query)
+
+    def _route(self, method: str, path: str, body: object, query: dict) -> tuple[int, dict | bytes]:
         route = self.api.routes.get((method, path))
         if route is None:
             return HTTPStatus.NOT_FOUND, envelope("NotFound", f"no such API: {method} {path}")

@@ -53,6 +53,8 @@ class Faults:
     http_500: int = 0  # the next N API calls answer HTTP 500
     malformed: int = 0  # the next N API calls answer a body that is not JSON (a proxy's error page)
     slow_s: float = 0.0  # every API call waits this long before it answers (0: none)
+    late: int = 0  # the next N API calls are carried out, but answered only after late_s
+    late_s: float = 10.0  # (longer than the client waits: its request timed out, yet it took effect)
 
 
 class Emulator:

@@ -15,6 +15,8 @@ import pytest
 
 from infra.ssh import _checked_files
 from runner.errors import ProviderFailure
+from runner.remote import RemoteHost
+from runner.store import Store
 from tests.bad_inputs.conftest import one_line_error
 
 pytestmark = [pytest.mark.unit]
@@ -187,3 +189,34 @@ def test_a_host_listing_repeats_or_lacking_hashes_and_sizes_is_refused():
         _checked_files({"files": [{**entry, "sha256": "xyz"}]})
     with pytest.raises(ProviderFailure, match="no size in bytes"):
         _checked_files({"files": [{**entry, "bytes": -1}]})
+
+
+@pytest.mark.security
+@pytest.mark.parametrize(
+    ("make", "expected"),
+    [
+        ("ln -s /etc/shadow {f}", "is a link; refusing to download what it points to"),
+        (
+            "ln -s /root/.ssh {d}/linked && touch {d}/real",
+            "is a link; refusing to download what it points to",
+        ),
+        ("mkfifo {f}", "is not a regular file; refusing to download it"),
+    ],
+    ids=["link-to-a-file-out", "link-to-a-folder-out", "fifo"],
+)
+def test_a_host_serving_a_link_or_special_file_as_an_output_is_refused(sshd_host, tmp_path, make, expected):
+    """A host whose listing names a file that is really a link (or a FIFO) out of the outputs:
+    the download itself refuses it, so even a lying manifest cannot pull what a link points to."""
+    folder = f"/root/lying-{tmp_path.name}"
+    path = f"{folder}/linked" if "{d}" in make else f"{folder}/leak"
+    sshd_host.exec("sh", "-c", f"rm -rf {folder} && mkdir -p {folder} && " + make.format(f=path, d=folder))
+    local = tmp_path / "artifacts" / "leak"
+    with (
+        Store(tmp_path / "home") as store,
+        RemoteHost(sshd_host.endpoint(), store) as remote,
+        pytest.raises(ProviderFailure) as caught,
+    ):
+        remote.get(path, local)
+    assert caught.value.exit_code == 3 and "\n" not in caught.value.message
+    assert caught.value.message == f"{path} on {sshd_host.endpoint().address} {expected}"
+    assert not local.exists() and not local.with_name("leak.part").exists()

@@ -61,11 +61,12 @@ def tiny_job(
     train: str,
     gpu_wait_s: int = 300,
     setup: str = "cat /banner > /data/prepared",
+    api_timeout_s: float = 30,
 ) -> Path:
     spec = folder / f"{name}.yaml"
     spec.write_text(
         f"""name: {name}
-provider: {{type: emulator, gpu_wait_s: {gpu_wait_s}, boot_timeout_s: 120}}
+provider: {{type: emulator, gpu_wait_s: {gpu_wait_s}, boot_timeout_s: 120, api_timeout_s: {api_timeout_s}}}
 image: {{ref: '{image_id}'}}
 setup:
   - {{name: prepare, run: {json.dumps(setup)}}}

@@ -165,7 +165,8 @@ def tiny_image() -> str:
     import docker
 
     client = docker.from_env()
-    dockerfile = f"FROM {BASE_IMAGE}\nRUN echo emulated > /banner\n"
+    # the label makes the image this session's own: two sessions never share (and remove) one ID
+    dockerfile = f"FROM {BASE_IMAGE}\nRUN echo emulated > /banner\nLABEL runner.test.session={os.getpid()}\n"
     built, _ = client.images.build(
         fileobj=io.BytesIO(dockerfile.encode()), tag=f"runner-test/emulated:tiny-{os.getpid()}", rm=True
     )

@@ -142,3 +142,34 @@ def test_pro_api_boots_with_gpu_only_and_releases(emulator):
     assert api.snapshot(uuid)["status"] == "released"
     listed = api.ok("POST", "/api/v1/dev/instance/pro/list", {"page_index": 1, "page_size": 10})["list"]
     assert uuid not in [i["uuid"] for i in listed]
+
+
+def test_calls_whose_answers_are_lost_take_effect_once(emulator):
+    """Late answers (the call took effect, the client timed out): a create is found by name, not
+    sent again; a power-off or release refused as done already is done."""
+    from infra import instances
+    from infra.autodl_api import AutodlClient, ConsoleInstances, Retry
+    from infra.base import InstanceState, PowerMode
+
+    service, api = emulator
+    client = AutodlClient(api.url, api.token, timeout=1.0, retry=Retry(first_delay=0.2))
+    console = ConsoleInstances(client, image="any", can_release=True)
+    policy = instances.BootPolicy(poll_s=0.2)
+    before = {item["uuid"] for item in api.ok("POST", "/api/v1/instance", {})["list"]}
+    api.ok("POST", "/emulator/v1/faults", {"late": 1, "late_s": 2.0})
+    try:
+        made = console.create("late-create")
+        after = api.ok("POST", "/api/v1/instance", {})["list"]
+        assert [i["uuid"] for i in after if i["uuid"] not in before] == [made.id]
+
+        instances.boot(console, made.id, PowerMode.CPU, policy, lambda _: None)
+        api.ok("POST", "/emulator/v1/faults", {"late": 1})
+        assert instances.shut(console, made.id, policy).state is InstanceState.STOPPED
+        api.ok("POST", "/emulator/v1/faults", {"late": 1})
+        instances.release(console, made.id)
+    finally:
+        api.ok("POST", "/emulator/v1/faults", {"late": 0, "late_s": 10.0})
+    assert api.snapshot(made.id)["status"] == "released"
+    assert [i["mode"] for i in api.ok("GET", "/emulator/v1/power_log") if i["instance_uuid"] == made.id] == [
+        "non_gpu"
+    ]

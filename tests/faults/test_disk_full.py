@@ -1,6 +1,7 @@
 """The instance's data disk too small for the image, or filling up while the image is unpacked
-(a real size-limited filesystem on a real sshd host): one clear line, exit code 3, and nothing
-half-made left to be taken for whole. A disk filling up while the trainer checkpoints is
+or while `docker load` writes it into the engine (real size-limited filesystems on real sshd
+hosts, a real dockerd): one clear line, exit code 3, and nothing half-made left to be taken for
+whole. A disk filling up while the trainer checkpoints is
 tests/trainer/test_resume.py's (the last complete checkpoint is kept)."""
 
 from __future__ import annotations
@@ -8,14 +9,17 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+from runner.docker_runtime import DockerRuntime
 from runner.errors import ProviderFailure
 from runner.layers import RemoteLayout, digest_hex, image_layers, sync_layers
 from runner.remote import RemoteHost
-from runner.runtimes import RootfsRuntime
+from runner.runtimes import RootfsRuntime, open_runtime
 from runner.store import Store
+from tests.remote.vm_host import start_vm_host
 
 pytestmark = [pytest.mark.integration]
 
@@ -71,3 +75,27 @@ def test_a_disk_filling_up_while_the_image_unpacks_fails_in_one_line_leaving_no_
     assert "\n" not in message
     rootfs = f"{data_dir}/runner/rootfs"
     assert files_under(host, rootfs) == []  # the half-unpacked tree is gone, nothing under the real name
+
+
+def test_a_disk_filling_up_while_docker_loads_fails_in_one_line_and_the_layers_stay_cached(
+    root_key, images, tmp_path_factory, tmp_path
+):
+    host = start_vm_host(tmp_path_factory.mktemp("small-engine"), root_key, data_root_mb=48)
+    try:
+        data_dir = str(host.folder / "data")  # the layers fit; the engine's own disk does not
+        layers = image_layers(images["first"])
+        with Store(tmp_path) as store, RemoteHost(host.endpoint(), store) as remote:
+            remote.connect()
+            runtime = open_runtime(remote, data_dir, "docker")
+            assert isinstance(runtime, DockerRuntime)
+            with pytest.raises(ProviderFailure) as raised:
+                runtime.prepare_image(layers)
+        message = raised.value.message
+        assert message.startswith(f"the Docker engine on {host.address}:22 has no space left for image")
+        assert layers.image_id in message and "docker system prune" in message
+        assert "\n" not in message
+        assert host.docker("image", "inspect", layers.image_id).returncode != 0  # no half image
+        cached = [Path(RemoteLayout.at(data_dir).layer(d)) for d in layers.diff_ids]
+        assert all(path.is_file() for path in cached)  # kept for the next try, not sent again
+    finally:
+        host.stop()

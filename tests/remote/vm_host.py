@@ -65,13 +65,15 @@ class VmHost:
         _terminate(self.folder / "sshd.pid")
         exec_root = self.folder / "x"
         subprocess.run(["umount", "-l", str(exec_root / "netns" / "default")], capture_output=True)
+        subprocess.run(["umount", "-l", str(self.folder / "d")], capture_output=True)  # a small data root
         subprocess.run(["ip", "netns", "del", self.namespace], capture_output=True)
         subprocess.run(["ip", "link", "del", self.veth], capture_output=True)  # gone with the namespace
         subprocess.run(["rm", "-rf", "--one-file-system", str(self.folder)], capture_output=True)
 
 
-def start_vm_host(folder: Path, login_key: KeyPair) -> VmHost:
-    """Make the namespace, start sshd and dockerd in it, wait until both answer."""
+def start_vm_host(folder: Path, login_key: KeyPair, data_root_mb: int | None = None) -> VmHost:
+    """Make the namespace, start sshd and dockerd in it, wait until both answer. With
+    data_root_mb the engine keeps its images on a tmpfs of that size (a small disk)."""
     for tool in (SSHD, "/usr/sbin/ip", "/usr/bin/nsenter", "/usr/sbin/dockerd"):
         if not os.access(tool, os.X_OK):
             raise RuntimeError(f"the VM-like test host needs {tool}; run scripts/ensure-test-hosts")
@@ -89,6 +91,10 @@ def start_vm_host(folder: Path, login_key: KeyPair) -> VmHost:
     try:
         _make_namespace(host, subnet)
         host.host_fingerprint = _start_sshd(host, login_key)
+        if data_root_mb is not None:
+            (folder / "d").mkdir()
+            argv = ["mount", "-t", "tmpfs", "-o", f"size={data_root_mb}m", "tmpfs", str(folder / "d")]
+            subprocess.run(argv, check=True, capture_output=True, timeout=30)
         _start_dockerd(host)
     except BaseException:
         host.stop()
