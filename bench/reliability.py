@@ -80,15 +80,21 @@ def run_suite(folder: str, marker: str | None, env: dict[str, str]) -> Tally:
             return Tally()
         cases = ElementTree.parse(report).getroot().iter("testcase")
         outcomes = {f"{c.get('classname')}::{c.get('name')}": _outcome(c) for c in cases}
-    ran = {name: ok for name, ok in outcomes.items() if ok is not None}
-    return Tally(len(ran), sum(ran.values()), tuple(sorted(n for n, ok in ran.items() if not ok)))
+    ran = {name: why for name, why in outcomes.items() if why is not None}
+    failed = tuple(sorted(f"{name}: {why}" for name, why in ran.items() if why))
+    return Tally(len(ran), sum(1 for why in ran.values() if not why), failed)
 
 
-def _outcome(case: ElementTree.Element) -> bool | None:
-    """True passed, False failed or errored, None skipped."""
+def _outcome(case: ElementTree.Element) -> str | None:
+    """None skipped, "" passed, else the first line of why it failed or errored."""
     if case.find("skipped") is not None:
         return None
-    return case.find("failure") is None and case.find("error") is None
+    problem = case.find("failure")
+    if problem is None:
+        problem = case.find("error")
+    if problem is None:
+        return ""
+    return (problem.get("message") or "failed").splitlines()[0][:300] or "failed"
 
 
 def main() -> None:
