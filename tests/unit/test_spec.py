@@ -231,6 +231,7 @@ RENTED = "name: demo\nprovider:\n{}\nimage: {{ref: 'sha256:{}'}}\ntrain: {{run: 
         ("  type: autodl\n  token_env: T", "give exactly one of 'instance' (reuse) or 'create'"),
         ("  type: autodl\n  instance: pro-1\n  gpu_wait_s: 0", "provider.gpu_wait_s: Input should be"),
         ("  type: emulator\n  instance: 'a b'", "provider.instance: must be an instance ID"),
+        ("  type: emulator\n  api_timeout_s: 0", "provider.api_timeout_s: Input should be greater than 0"),
     ],
 )
 def test_rented_provider_problems_name_the_field(tmp_path, provider, expected):
