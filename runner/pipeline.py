@@ -79,8 +79,10 @@ class RunContext:
         self, log_name: str, source: str, *, echo: bool = True, fresh: bool = False
     ) -> Callable[[str], None]:
         """A callback that appends a line to logs/<log_name> (emptied first if fresh) and, if
-        echo, shows it on the terminal."""
+        echo, shows it on the terminal. The logs folder is made if the run folder was deleted
+        meanwhile (the phase's end notices the folder's marker missing and says so)."""
         path = self.run_dir / "logs" / log_name
+        path.parent.mkdir(parents=True, exist_ok=True)
         handle = path.open("w" if fresh else "a", encoding="utf-8")
         self._open_logs.append(handle)
 

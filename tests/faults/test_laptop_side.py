@@ -1,5 +1,6 @@
 """Faults on the laptop's side of a run: the state database held by another process, the run's
-folder deleted under a running run, a second runner process acting on the same run. Each run
+folder deleted under a running run (also just before the instance is preempted), a second
+runner process acting on the same run. Each run
 still ends correctly, with its artifacts whole and no GPU time past the watchdog's bound."""
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from runner.store import DB_NAME, Store
 from tests.emulator.cloud import runner, tiny_job
 from tests.faults.checks import assert_artifacts_intact, assert_gpu_time_bounded, assert_store_consistent
 from tests.faults.kills import EXPECTED, SETUP, TRAIN, log_has, submit_acting, wait_for
+from tests.faults.test_preemption import TRAIN as CHECKPOINTING_TRAIN
+from tests.faults.test_preemption import power_off_from_outside
 from tests.unit.test_store import hold_write_lock
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
@@ -80,6 +83,29 @@ def test_the_run_folder_deleted_mid_training_is_made_again_and_the_artifacts_lan
     assert "was deleted while the run went on: made it again" in stderr
     assert_whole_run(cloud, code, payload, stderr)
     assert json.loads((Path(payload["run_dir"]) / "manifest.json").read_text())["status"] == "succeeded"
+
+
+def test_the_run_folder_deleted_then_the_instance_preempted_still_lands_the_artifacts(
+    cloud, tmp_path, tiny_image
+):
+    """The trainer followed again on a new boot opens its log again, in a folder that is gone."""
+    spec = tiny_job(tmp_path, tiny_image, "deleted-preempted", CHECKPOINTING_TRAIN, setup=SETUP)
+    runs = tmp_path / "runs"
+
+    def preempt_and_delete() -> None:
+        power_off_from_outside(cloud, runs)
+        for folder in runs.iterdir():
+            shutil.rmtree(folder)
+
+    code, payload, stderr = submit_acting(cloud, spec, log_has("train.log", "step 2"), preempt_and_delete)
+    assert code == 0, stderr[-4000:]
+    assert "was powered off from outside (preempted?)" in stderr
+    assert "was deleted while the run went on: made it again" in stderr
+    assert_artifacts_intact(payload)
+    assert_gpu_time_bounded(cloud, payload["run_id"])
+    assert_store_consistent(cloud, payload["run_id"])
+    result = (Path(payload["run_dir"]) / "artifacts" / "result").read_text().splitlines()
+    assert result[:3] == ["emulated", "1", "2"]  # trained twice, the second time from its checkpoint
 
 
 class DeletingAfterCollect(Reporter):
