@@ -6,7 +6,6 @@ base image; every container the emulator created is removed in teardown.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import secrets
@@ -27,6 +26,7 @@ from infra.emulator.server import EmulatorServer
 from infra.emulator.service import Emulator
 from infra.emulator.state import Config
 from tests.emulator.cloud import BASE_IMAGE, runner
+from tests.own_image import build_own_image
 
 
 @dataclass
@@ -165,11 +165,9 @@ def tiny_image() -> str:
     import docker
 
     client = docker.from_env()
-    # the label makes the image this session's own: two sessions never share (and remove) one ID
-    dockerfile = f"FROM {BASE_IMAGE}\nRUN echo emulated > /banner\nLABEL runner.test.session={os.getpid()}\n"
-    built, _ = client.images.build(
-        fileobj=io.BytesIO(dockerfile.encode()), tag=f"runner-test/emulated:tiny-{os.getpid()}", rm=True
+    image_id = build_own_image(
+        client, f"FROM {BASE_IMAGE}\nRUN echo emulated > /banner\n", "runner-test/emulated"
     )
-    yield built.id
-    client.images.remove(built.id, force=True)
+    yield image_id
+    client.images.remove(image_id, force=True)
     client.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from pathlib import Path
 
 from runner.store import Store
@@ -52,6 +53,14 @@ def assert_store_consistent(env: dict, run_id: str) -> None:
         assert not [p.name for p in store.phases(run_id) if p.status == "running"]
         run = store.get_run(run_id)
         assert run.status in ("succeeded", "failed", "interrupted") and run.ended_at is not None
+
+
+def wait_powered_off(env: dict, run_id: str, timeout: float = 2 * WATCHDOG_BOUND_S) -> None:
+    """Wait until every power-on interval of the run's instance has ended: after a run that
+    failed mid-training without its API, the watchdog powers off when the trainer ends."""
+    deadline = time.monotonic() + timeout
+    while any(i["ended_at"] is None for i in intervals(env, run_id)) and time.monotonic() < deadline:
+        time.sleep(1)
 
 
 def assert_gpu_time_bounded(env: dict, run_id: str) -> float:

@@ -13,7 +13,12 @@ from pathlib import Path
 import pytest
 
 from tests.emulator.cloud import admin, intervals, runner, submit, tiny_job
-from tests.faults.checks import assert_artifacts_intact, assert_gpu_time_bounded, assert_store_consistent
+from tests.faults.checks import (
+    assert_artifacts_intact,
+    assert_gpu_time_bounded,
+    assert_store_consistent,
+    wait_powered_off,
+)
 from tests.faults.conftest import chosen
 from tests.faults.kills import EXPECTED, SETUP, TRAIN, log_has, phase_started, submit_acting
 
@@ -90,7 +95,8 @@ def test_a_lasting_api_fault_fails_clearly_powers_off_and_resume_collects(cloud,
         admin(cloud, FAULTS, ENDED)
     assert code == 3, stderr[-4000:]
     assert word in payload["error"]
-    assert_gpu_time_bounded(cloud, payload["run_id"])  # the watchdog powered off without the laptop
+    wait_powered_off(cloud, payload["run_id"])  # the trainer goes on; the watchdog powers off at its end
+    assert_gpu_time_bounded(cloud, payload["run_id"])
 
     resumed = runner(cloud, "resume", payload["run_id"], "--json", timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-4000:]

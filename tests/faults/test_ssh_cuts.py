@@ -8,7 +8,6 @@ nothing left running."""
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import random
@@ -27,6 +26,7 @@ from bench.throttle import throttled
 from runner.store import Store
 from tests.faults.checks import assert_artifacts_intact, assert_store_consistent
 from tests.faults.conftest import FULL
+from tests.own_image import build_own_image
 from tests.remote.conftest import BASE_IMAGE
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
@@ -73,11 +73,9 @@ def fat_image():
 
     client = docker.from_env()
     dockerfile = f"FROM {BASE_IMAGE}\nRUN head -c 33554432 /dev/urandom > /opt/fat.bin\n"
-    built, _ = client.images.build(
-        fileobj=io.BytesIO(dockerfile.encode()), tag=f"runner-test/fat:{os.getpid()}"
-    )
-    yield built.id
-    client.images.remove(built.id, force=True)
+    image_id = build_own_image(client, dockerfile, "runner-test/fat")
+    yield image_id
+    client.images.remove(image_id, force=True)
     client.close()
 
 

@@ -9,7 +9,6 @@ second one finds the host key pinned and the layers on the host.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import shutil
@@ -28,6 +27,7 @@ from infra.ssh import SshProvider
 from runner.errors import BadInput, SpecError
 from runner.spec import load_spec
 from runner.store import Store
+from tests.own_image import build_own_image
 from tests.remote import registry_server
 from tests.remote.conftest import BASE_IMAGE, REPO
 
@@ -52,12 +52,11 @@ def image_id() -> str:
     import docker
 
     client = docker.from_env()
-    tag = f"runner-test/ssh-run:{os.getpid()}"
-    built, _ = client.images.build(fileobj=io.BytesIO(DOCKERFILE.encode()), tag=tag, rm=True)
+    image_id = build_own_image(client, DOCKERFILE, "runner-test/ssh-run")
     try:
-        yield built.id
+        yield image_id
     finally:
-        client.images.remove(built.id, force=True)
+        client.images.remove(image_id, force=True)
         client.close()
 
 
