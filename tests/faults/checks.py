@@ -15,6 +15,7 @@ from pathlib import Path
 
 from runner.store import Store
 from tests.emulator.cloud import intervals
+from tests.faults.kills import EXPECTED
 
 WATCHDOG_BOUND_S = 60  # a GPU boot may outlive training by this much (poll + grace + power-off)
 
@@ -77,3 +78,13 @@ def assert_gpu_time_bounded(env: dict, run_id: str) -> float:
     record(gpu_overrun_s=round(overrun, 1))
     assert overrun <= WATCHDOG_BOUND_S, overrun
     return overrun
+
+
+def assert_whole_run(env: dict, code: int, payload: dict, stderr: str) -> None:
+    """The run succeeded with the expected result, every artifact whole, GPU time bounded and
+    the store consistent."""
+    assert code == 0, stderr[-4000:]
+    assert (Path(payload["run_dir"]) / "artifacts" / "result").read_text() == EXPECTED
+    assert_artifacts_intact(payload)
+    assert_gpu_time_bounded(env, payload["run_id"])
+    assert_store_consistent(env, payload["run_id"])

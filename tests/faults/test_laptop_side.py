@@ -18,21 +18,18 @@ from runner import pipeline
 from runner.console import Reporter
 from runner.store import DB_NAME, Store
 from tests.emulator.cloud import runner, tiny_job
-from tests.faults.checks import assert_artifacts_intact, assert_gpu_time_bounded, assert_store_consistent
-from tests.faults.kills import EXPECTED, SETUP, TRAIN, log_has, submit_acting, wait_for
+from tests.faults.checks import (
+    assert_artifacts_intact,
+    assert_gpu_time_bounded,
+    assert_store_consistent,
+    assert_whole_run,
+)
+from tests.faults.kills import SETUP, TRAIN, log_has, submit_acting, wait_for
 from tests.faults.test_preemption import TRAIN as CHECKPOINTING_TRAIN
 from tests.faults.test_preemption import power_off_from_outside
 from tests.unit.test_store import hold_write_lock
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
-
-
-def assert_whole_run(env: dict, code: int, payload: dict, stderr: str) -> None:
-    assert code == 0, stderr[-4000:]
-    assert (Path(payload["run_dir"]) / "artifacts" / "result").read_text() == EXPECTED
-    assert_artifacts_intact(payload)
-    assert_gpu_time_bounded(env, payload["run_id"])
-    assert_store_consistent(env, payload["run_id"])
 
 
 def test_a_state_database_locked_for_a_while_mid_training_only_delays_the_run(cloud, tmp_path, tiny_image):

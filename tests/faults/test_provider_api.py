@@ -17,6 +17,7 @@ from tests.faults.checks import (
     assert_artifacts_intact,
     assert_gpu_time_bounded,
     assert_store_consistent,
+    assert_whole_run,
     wait_powered_off,
 )
 from tests.faults.conftest import chosen
@@ -45,14 +46,6 @@ LASTING = {
 ENDED = {"expire_token": False, "low_balance": False}
 
 
-def succeeded(env: dict, code: int, payload: dict, stderr: str) -> None:
-    assert code == 0, stderr[-4000:]
-    assert (Path(payload["run_dir"]) / "artifacts" / "result").read_text() == EXPECTED
-    assert_artifacts_intact(payload)
-    assert_gpu_time_bounded(env, payload["run_id"])
-    assert_store_consistent(env, payload["run_id"])
-
-
 @pytest.mark.parametrize(
     "fault", chosen(TRANSIENT, {"http-500", "not-json", "answers-lost-after-taking-effect"})
 )
@@ -64,7 +57,7 @@ def test_transient_api_faults_mid_run_are_retried(cloud, tmp_path, tiny_image, f
         )
     finally:
         admin(cloud, FAULTS, CLEAR)
-    succeeded(cloud, *outcome)
+    assert_whole_run(cloud, *outcome)
 
 
 def test_a_create_whose_answer_is_lost_makes_one_instance(cloud, tmp_path, tiny_image):
@@ -77,7 +70,7 @@ def test_a_create_whose_answer_is_lost_makes_one_instance(cloud, tmp_path, tiny_
         code, payload, stderr = submit(cloud, spec)
     finally:
         admin(cloud, FAULTS, CLEAR)
-    succeeded(cloud, code, payload, stderr)
+    assert_whole_run(cloud, code, payload, stderr)
     made = [i for i in admin(cloud, "/emulator/v1/state")["instances"] if i["uuid"] not in before]
     assert [i["instance_name"] for i in made] == [f"runner-{payload['run_id']}"[:60]]
     assert "timed out" in stderr
@@ -114,7 +107,7 @@ def test_no_gpu_for_two_boots_waits_with_the_instance_off_then_trains(cloud, tmp
         )
     finally:
         admin(cloud, FAULTS, CLEAR)
-    succeeded(cloud, code, payload, stderr)
+    assert_whole_run(cloud, code, payload, stderr)
     assert stderr.count("no capacity for a gpu boot") == 2
     cpu, gpu, _ = intervals(cloud, payload["run_id"])
     assert (cpu["mode"], gpu["mode"]) == ("non_gpu", "gpu")
