@@ -70,7 +70,7 @@ def run_ours(root: Path, steps: int, batch: int, warmup: int) -> dict[str, Any]:
         micro_batch_size=batch,
         max_steps=steps,
         warmup_steps=1,
-        eval_batches=0,
+        eval_samples=0,
         save_interval=0,
         precision="fp32",
         device="cpu",

@@ -1,7 +1,9 @@
 """Instruction records to training samples: validation, prompt templates, masking, truncation.
 
 Records follow the Alpaca/instinwild layout: `instruction`, optional `input`, `output`.
-Every kept sample ends in EOS, truncated or not, so the model learns where an answer stops.
+A sample that fits ends in EOS, so the model learns where an answer stops. A response cut by
+the length limit never ends in EOS by default (`TRUNCATION`): that would teach the model to stop
+wherever the limit happened to fall, the cut-off answers of the seed's fine-tune.
 """
 
 from __future__ import annotations
@@ -17,6 +19,12 @@ if TYPE_CHECKING:
     from trainer.tokenizer import Tokenizer
 
 IGNORE_INDEX = -100
+
+# What becomes of a sample whose prompt + response + EOS is longer than max_seq_length:
+#   no-eos  the response is cut and left open: its tokens are learnt, no stop is (the default)
+#   drop    the sample is left out
+#   eos     the response is cut and EOS appended, which teaches a stop at the cut
+TRUNCATION = ("no-eos", "drop", "eos")
 
 TEMPLATES: dict[str, tuple[str, str]] = {
     # (with input, without input)
@@ -67,9 +75,14 @@ class Tokenized:
 
 @dataclass(frozen=True)
 class Sample:
-    input_ids: torch.Tensor  # (T,) prompt + response + EOS
+    input_ids: torch.Tensor  # (T,) prompt + response, + EOS unless cut open
     labels: torch.Tensor  # (T,) IGNORE_INDEX where the loss is not taken
+    prompt_length: int  # tokens before the response, BOS included
     truncated: bool
+
+    def row(self) -> dict[str, Any]:
+        """The sample as train.pt and test.pt store it."""
+        return {"input_ids": self.input_ids, "labels": self.labels, "prompt_length": self.prompt_length}
 
 
 def load_records(path: str | Path) -> list[Any]:
@@ -153,21 +166,26 @@ def tokenize(tokenizer: Tokenizer, record: Record, template: str = "alpaca") -> 
     )
 
 
-def build_sample(tokens: Tokenized, max_seq_length: int, mask_inputs: bool = True) -> Sample | None:
-    """Prompt + response + EOS, at most `max_seq_length` long.
-
-    A too-long response is cut before EOS, not after, so EOS survives. None when the prompt
-    leaves no room for one response token and EOS.
-    """
-    room = max_seq_length - len(tokens.prompt) - 1
+def build_sample(
+    tokens: Tokenized, max_seq_length: int, mask_inputs: bool = True, on_truncate: str = "no-eos"
+) -> Sample | None:
+    """Prompt + response + EOS, at most `max_seq_length` long; a longer one as `on_truncate`
+    says (see TRUNCATION). None when the sample is dropped, or when the prompt leaves no room
+    for a response token (and EOS, where EOS is kept)."""
+    if on_truncate not in TRUNCATION:
+        raise DataError(f"unknown truncation policy {on_truncate!r}; choose from {', '.join(TRUNCATION)}")
+    truncated = tokens.full_length > max_seq_length
+    if truncated and on_truncate == "drop":
+        return None
+    end = [] if truncated and on_truncate == "no-eos" else [tokens.eos_id]
+    room = max_seq_length - len(tokens.prompt) - len(end)
     if room < 1:
         return None
-    truncated = len(tokens.response) > room
-    input_ids = torch.tensor(tokens.prompt + tokens.response[:room] + [tokens.eos_id])
+    input_ids = torch.tensor(tokens.prompt + tokens.response[:room] + end)
     labels = input_ids.clone()
     if mask_inputs:
         labels[: len(tokens.prompt)] = IGNORE_INDEX
-    return Sample(input_ids, labels, truncated)
+    return Sample(input_ids, labels, len(tokens.prompt), truncated)
 
 
 def encode_sample(
@@ -176,5 +194,6 @@ def encode_sample(
     max_seq_length: int,
     template: str = "alpaca",
     mask_inputs: bool = True,
+    on_truncate: str = "no-eos",
 ) -> Sample | None:
-    return build_sample(tokenize(tokenizer, record, template), max_seq_length, mask_inputs)
+    return build_sample(tokenize(tokenizer, record, template), max_seq_length, mask_inputs, on_truncate)

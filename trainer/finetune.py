@@ -1,8 +1,9 @@
 """LoRA fine-tuning of a base checkpoint on data written by `trainer.prepare`.
 
-A plain loop: AdamW on the adapters only, linear warm-up then cosine decay, micro-batches grouped
-by length and padded to their longest sample, gradient accumulation, and data parallelism when
-started by torchrun. Every optimizer step appends one JSON line to OUT/metrics.jsonl; the
+A plain loop: AdamW on the adapters only, linear warm-up then cosine decay, micro-batches of
+samples packed into full rows (or padded to their longest sample, optionally grouped by length),
+gradient accumulation, as many blocks recomputed in backward as a memory budget needs, and data
+parallelism when started by torchrun. Every optimizer step appends one JSON line to OUT/metrics.jsonl; the
 adapters end in OUT/lora.safetensors with their LoRA config in the file's metadata.
 Checkpoints in OUT/checkpoints let a run that was stopped (SIGTERM, SIGINT) or lost continue
 with --resume; on a CPU the continued run ends with the same adapters, bit for bit, as one that
@@ -22,7 +23,7 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed
@@ -31,7 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from trainer.batching import Batch, BatchSampler, Row, collate, draw_global_batch, loss_on, target_count
 from trainer.checkpoint import load_model
-from trainer.data import DataError
+from trainer.data import IGNORE_INDEX, DataError
 from trainer.devices import (
     PRECISIONS,
     DeviceError,
@@ -43,7 +44,16 @@ from trainer.devices import (
     peak_memory_gib,
     resolve_precision,
 )
-from trainer.lora import TARGETS, LoRAConfig, apply_lora, count_trainable, load_lora_state_dict, save_adapters
+from trainer.lora import (
+    TARGETS,
+    LoRAConfig,
+    Provenance,
+    apply_lora,
+    count_trainable,
+    load_lora_state_dict,
+    save_adapters,
+)
+from trainer.memory import CHECKPOINTING, gib, plan
 from trainer.model import LLaMA
 from trainer.train_state import (
     Checkpoint,
@@ -83,7 +93,7 @@ class TrainConfig:
     max_steps: int = 1000
     warmup_steps: int = 10
     eval_interval: int = 100
-    eval_batches: int = 8
+    eval_samples: int = 256  # held-out samples in each val_loss, token-weighted; 0: none
     log_interval: int = 1
     save_interval: int = 100  # 0: a checkpoint only when stopped by a signal
     keep_checkpoints: int = 2
@@ -91,16 +101,20 @@ class TrainConfig:
     seed: int = 1337
     grad_clip: float = 1.0  # 0 turns clipping off
     length_grouped: bool = False  # less padding, but on small data less gradient variety
-    activation_checkpointing: bool = False
+    pack: bool = False  # samples packed end to end into rows of max_seq_length, attention per sample
+    activation_checkpointing: str = "off"  # off, all, or auto: the fewest blocks that fit the budget
+    memory_budget_gib: float | None = None  # for auto; None: the GPU's memory
+    compile: bool = False  # torch.compile each block
     precision: str = "auto"  # auto, fp32, bf16-true or bf16-mixed
     device: str = "auto"  # auto, cpu, cuda, cuda:N
+    base_model: str | None = None  # the base's name for PEFT (adapter_config.json)
 
     def __post_init__(self) -> None:
         positive = ("micro_batch_size", "grad_accum", "max_steps", "eval_interval", "log_interval")
         for name in (*positive, "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
-        for name in ("eval_batches", "save_interval", "weight_decay", "grad_clip"):
+        for name in ("eval_samples", "save_interval", "weight_decay", "grad_clip"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative")
         if not 0 <= self.warmup_steps < self.max_steps:
@@ -108,6 +122,15 @@ class TrainConfig:
                 f"warmup_steps ({self.warmup_steps}) must be at least 0 and less than max_steps "
                 f"({self.max_steps})"
             )
+        if self.activation_checkpointing not in CHECKPOINTING:
+            raise ValueError(
+                f"activation_checkpointing must be one of {', '.join(CHECKPOINTING)}, not "
+                f"{self.activation_checkpointing!r}"
+            )
+        if self.memory_budget_gib is not None and self.memory_budget_gib <= 0:
+            raise ValueError("memory_budget_gib must be positive")
+        if self.pack and self.length_grouped:
+            raise ValueError("pack and length_grouped exclude each other: packed rows are all full")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
         _ = self.lora  # building the LoRA config validates its fields
@@ -127,29 +150,43 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def held_out_batches(rows: list[Row], cfg: TrainConfig) -> list[Batch]:
-    """The first `eval_batches` micro-batches of the test split, the same at every evaluation
-    so that val_loss values compare."""
+    """The first `eval_samples` samples of the test split in micro-batches, the same at every
+    evaluation so that val_loss values compare; sorted by length, so little is padded."""
     n = cfg.micro_batch_size
-    rows = rows[: cfg.eval_batches * n]
+    rows = sorted(rows[: cfg.eval_samples], key=lambda row: len(row["input_ids"]))
     return [collate(rows[i : i + n]) for i in range(0, len(rows), n)]
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: list[Batch], device: torch.device, precision: str) -> float:
+    """The mean loss over every target token of `batches`, each token weighing the same."""
     model.eval()
+    total = torch.zeros((), device=device, dtype=torch.float64)
     with autocast(precision, device):
-        losses = [loss_on(model, batch, device).item() for batch in batches]
+        for batch in batches:
+            total += loss_on(model, batch, device, reduction="sum")
     model.train()
-    return sum(losses) / len(losses)
+    targets = sum(int((batch.targets != IGNORE_INDEX).sum()) for batch in batches)
+    return total.item() / targets
 
 
-def load_data(cfg: TrainConfig, model_max: int) -> tuple[list[Row], list[Row]]:
+class Data(NamedTuple):
+    train: list[Row]
+    test: list[Row]
+    max_seq_length: int
+    template: str | None  # the prompt template the samples were prepared with, as prepare.json says
+
+
+def load_data(cfg: TrainConfig, model_max: int) -> Data:
     data_dir = Path(cfg.data_dir)
     train_rows = torch.load(data_dir / "train.pt", weights_only=True)
     test_rows = torch.load(data_dir / "test.pt", weights_only=True)
+    manifest_path = data_dir / "prepare.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
     max_seq_length = cfg.max_seq_length
     if max_seq_length is None:
-        manifest = json.loads((data_dir / "prepare.json").read_text())
+        if "max_seq_length" not in manifest:
+            raise DataError(f"{manifest_path} not found: pass --max-seq-length, or prepare the data again")
         max_seq_length = manifest["max_seq_length"]
     longest = max(len(row["input_ids"]) for row in train_rows + test_rows)
     # Cutting here would cut off EOS; the data must be prepared for the length wanted.
@@ -158,7 +195,7 @@ def load_data(cfg: TrainConfig, model_max: int) -> tuple[list[Row], list[Row]]:
             f"samples of {longest} tokens exceed max_seq_length {max_seq_length} or the model's "
             f"{model_max}; prepare the data again with a lower --max-seq-length"
         )
-    return train_rows, test_rows
+    return Data(train_rows, test_rows, min(max_seq_length, model_max), manifest.get("template"))
 
 
 def prepare_model(cfg: TrainConfig, device: torch.device, precision: str) -> LLaMA:
@@ -166,8 +203,30 @@ def prepare_model(cfg: TrainConfig, device: torch.device, precision: str) -> LLa
     model = model.to(device=device, dtype=torch.bfloat16 if precision == "bf16-true" else torch.float32)
     model.init_rope()  # rebuilt in float32: the cast above would have rounded the tables
     apply_lora(model, cfg.lora)
-    model.activation_checkpointing = cfg.activation_checkpointing
     return model.train()
+
+
+def checkpointed_layers(
+    model: LLaMA, cfg: TrainConfig, seq_len: int, device: torch.device, log: Callable[[str], None]
+) -> int:
+    """How many blocks recompute their activations in backward: none, all, or (auto) the fewest
+    with which the estimated peak fits --memory-budget-gib (by default the GPU's memory)."""
+    n_layer = model.config.n_layer
+    if cfg.activation_checkpointing != "auto":
+        return n_layer if cfg.activation_checkpointing == "all" else 0
+    if cfg.memory_budget_gib is not None:
+        budget = round(cfg.memory_budget_gib * 2**30)
+    elif device.type == "cuda":
+        budget = torch.cuda.get_device_properties(device).total_memory
+    else:
+        raise DeviceError("--activation-checkpointing auto on a CPU needs --memory-budget-gib")
+    estimate = plan(model, cfg.micro_batch_size, seq_len, cfg.pack)
+    k = estimate.fewest_checkpointed(budget)
+    log(
+        f"activation checkpointing: {k} of {n_layer} blocks, estimated peak "
+        f"{gib(estimate.peak(k)):.1f} GiB of a {gib(budget):.1f} GiB budget"
+    )
+    return k
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
@@ -241,6 +300,7 @@ class Run:
     eval_batches: list[Batch]
     progress: Progress
     resumed_from: Path | None
+    provenance: Provenance  # what the adapters record besides their shape
 
 
 def model_summary(model: LLaMA) -> dict:
@@ -248,7 +308,12 @@ def model_summary(model: LLaMA) -> dict:
     the adapters are counted apart)."""
     trainable = count_trainable(model)
     total = sum(p.numel() for p in model.parameters())
-    return {**asdict(model.config), "base_params": total - trainable, "lora_params": trainable}
+    return {
+        **asdict(model.config),
+        "base_params": total - trainable,
+        "lora_params": trainable,
+        "checkpointed_layers": model.checkpointed_layers,
+    }
 
 
 def setup(cfg: TrainConfig, dist: Dist, resume_from: str | None, log: Callable[[str], None]) -> Run:
@@ -266,9 +331,15 @@ def setup(cfg: TrainConfig, dist: Dist, resume_from: str | None, log: Callable[[
     model = prepare_model(cfg, dist.device, precision)
     if dist.world_size > 1:
         torch.manual_seed(cfg.seed + dist.rank)  # ...and each its own dropout masks
-    train_rows, test_rows = load_data(cfg, model.config.max_seq_len)
-    lengths = [len(row["input_ids"]) for row in train_rows]
-    sampler = BatchSampler(lengths, cfg.micro_batch_size, cfg.seed, cfg.length_grouped)
+    data = load_data(cfg, model.config.max_seq_len)
+    lengths = [len(row["input_ids"]) for row in data.train]
+    capacity = data.max_seq_length if cfg.pack else None
+    sampler = BatchSampler(lengths, cfg.micro_batch_size, cfg.seed, cfg.length_grouped, capacity)
+    row_length = capacity or max(lengths) - 1
+    model.checkpointed_layers = checkpointed_layers(model, cfg, row_length, dist.device, log)
+    if cfg.compile:
+        for layer in model.layers:
+            layer.compile()
     optimizer = build_optimizer(model, cfg, dist.device)
 
     progress = Progress()
@@ -279,7 +350,8 @@ def setup(cfg: TrainConfig, dist: Dist, resume_from: str | None, log: Callable[[
         log(f"no checkpoint in {out / 'checkpoints'}; starting from the beginning")
     if dist.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+        recorded = {**asdict(cfg), "template": data.template}
+        (out / "train_config.json").write_text(json.dumps(recorded, indent=2) + "\n")
         found = {**environment(dist.device), "model": model_summary(model)}
         (out / "environment.json").write_text(json.dumps(found, indent=2) + "\n")
         progress.metrics_lines = truncate_lines(out / METRICS, progress.metrics_lines)
@@ -295,11 +367,12 @@ def setup(cfg: TrainConfig, dist: Dist, resume_from: str | None, log: Callable[[
         trained=trained,
         optimizer=optimizer,
         sampler=sampler,
-        rows=train_rows,
-        targets=[target_count(row) for row in train_rows],
-        eval_batches=held_out_batches(test_rows, cfg),
+        rows=data.train,
+        targets=[target_count(row) for row in data.train],
+        eval_batches=held_out_batches(data.test, cfg),
         progress=progress,
         resumed_from=checkpoint_path,
+        provenance=Provenance(data.template, cfg.base_model),
     )
 
 
@@ -360,6 +433,7 @@ def checkpoint_now(run: Run) -> Path | None:
         asdict(cfg),
         state,
         cfg.keep_checkpoints,
+        run.provenance,
     )
 
 
@@ -375,9 +449,8 @@ def train_step(run: Run, step: int, stop_requested: bool) -> tuple[dict[str, Any
         run.sampler, run.rows, run.targets, cfg.grad_accum, dist.rank, dist.world_size
     )
     weight = dist.world_size / batches.targets
-    loss_sum = optimizer_step(
-        run.trained, run.optimizer, batches.own, weight, cfg, dist.device, run.precision
-    )
+    own = [batch.pinned() for batch in batches.own] if dist.device.type == "cuda" else batches.own
+    loss_sum = optimizer_step(run.trained, run.optimizer, own, weight, cfg, dist.device, run.precision)
     loss_sum, stopping = reduce_step(loss_sum, stop_requested, dist)
     seconds = time.perf_counter() - start
     run.progress.step = step
@@ -414,7 +487,8 @@ def fit(run: Run, stop: StopSignal, log: Callable[[str], None]) -> dict[str, Any
     log(
         f"training {count_trainable(run.model):,} LoRA parameters on {len(run.rows)} samples, "
         f"{dist.device} {run.precision}, {dist.world_size} process(es), global batch "
-        f"{cfg.micro_batch_size * cfg.grad_accum * dist.world_size}"
+        f"{cfg.micro_batch_size * cfg.grad_accum * dist.world_size} "
+        f"{'packed rows' if cfg.pack else 'samples'}"
     )
     records: list[dict[str, Any]] = []
     val_loss, saved, stopped = None, None, None
@@ -441,7 +515,7 @@ def fit(run: Run, stop: StopSignal, log: Callable[[str], None]) -> dict[str, Any
                 log(f"received {stopped}; stopped after step {step}")
                 break
     if dist.rank == 0:
-        save_adapters(run.model, cfg.lora, out)
+        save_adapters(run.model, cfg.lora, out, run.provenance)
     if dist.world_size > 1:
         torch.distributed.barrier()  # leave together: a process group torn down early aborts the rest
     return {
@@ -513,7 +587,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--max-steps", "max_steps", int, "optimizer steps")
     add("--warmup-steps", "warmup_steps", int, "linear warm-up steps")
     add("--eval-interval", "eval_interval", int, "optimizer steps between evaluations")
-    add("--eval-batches", "eval_batches", int, "held-out micro-batches per evaluation")
+    add("--eval-samples", "eval_samples", int, "held-out samples per evaluation; 0: none")
     add("--log-interval", "log_interval", int, "optimizer steps between progress lines")
     add("--save-interval", "save_interval", int, "optimizer steps between checkpoints; 0: only on a signal")
     add("--keep-checkpoints", "keep_checkpoints", int, "checkpoints kept, the newest")
@@ -521,7 +595,19 @@ def build_parser() -> argparse.ArgumentParser:
     add("--seed", "seed", int, "seed for initialisation, dropout and batch order")
     add("--grad-clip", "grad_clip", float, "gradient norm clip; 0 turns it off")
     add("--length-grouped", "length_grouped", bool, "batch samples of similar length together")
-    add("--activation-checkpointing", "activation_checkpointing", bool, "recompute blocks in backward")
+    add("--pack", "pack", bool, "pack samples into full rows, attention confined to each")
+    parser.add_argument(
+        "--activation-checkpointing",
+        dest="activation_checkpointing",
+        nargs="?",
+        const="all",
+        choices=CHECKPOINTING,
+        help="blocks that recompute in backward: off, all (the flag alone), or auto: the fewest "
+        "that fit --memory-budget-gib (default off)",
+    )
+    add("--memory-budget-gib", "memory_budget_gib", float, "memory for auto checkpointing; None: the GPU's")
+    add("--compile", "compile", bool, "torch.compile each block")
+    add("--base-model", "base_model", str, "the base model's name, for PEFT's adapter_config.json")
     add("--precision", "precision", str, "|".join(PRECISIONS))
     add("--device", "device", str, "auto, cpu, cuda or cuda:N")
     parser.add_argument(

@@ -1,8 +1,10 @@
 """Generate text from a checkpoint, with or without LoRA adapters, streamed as the tokens arrive.
 
-The prompt goes through the same instruction template the model was fine-tuned with, ending where
-the response starts, unless --raw. Decoding uses the KV cache; each next token is drawn after
-temperature, top-k and top-p (nucleus) filtering, or taken greedily at temperature 0, until EOS.
+The prompt goes through the same instruction template the model was fine-tuned with (the one
+recorded in the adapters, unless --template names another), ending where the response starts,
+unless --raw. Decoding uses the KV cache; each next token is drawn after temperature, top-k and
+top-p (nucleus) filtering, or taken greedily at temperature 0, until EOS or, by default, until
+the context is full: an answer ends where the model ends it, and says so (`stop_reason`).
 """
 
 from __future__ import annotations
@@ -12,17 +14,46 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from trainer.checkpoint import TOKENIZER, load_model
 from trainer.data import TEMPLATES, Record, format_prompt
 from trainer.devices import device_arg
-from trainer.lora import load_adapters
+from trainer.lora import load_adapters, read_provenance
 from trainer.model import LLaMA
 from trainer.report import report
 from trainer.tokenizer import Tokenizer
+
+
+DEFAULT_TEMPLATE = "alpaca"
+
+
+class Answer(NamedTuple):
+    text: str
+    tokens: int  # new tokens, EOS included when the model produced it
+    stop_reason: str  # "eos": the model ended it; "length": max_new_tokens or the context did
+
+
+def answer_of(tokenizer: Tokenizer, new: list[int]) -> Answer:
+    ended = bool(new) and new[-1] == tokenizer.eos_id
+    return Answer(tokenizer.decode(new[:-1] if ended else new), len(new), "eos" if ended else "length")
+
+
+def resolve_template(given: str | None, lora: Path | None, warn=None) -> str:
+    """The template to fill prompts into: the one the adapters were trained with, unless
+    `given` names one; a `given` that differs from the adapters' is used, with one warning line."""
+    trained = read_provenance(lora).template if lora is not None else None
+    if given is None:
+        return trained or DEFAULT_TEMPLATE
+    if trained is not None and given != trained:
+        (warn or _warn)(f"warning: the adapters were trained with template {trained!r}, not {given!r}")
+    return given
+
+
+def _warn(line: str) -> None:
+    print(line, file=sys.stderr)
 
 
 def prompt_text(prompt: str, template: str | None, input_text: str = "") -> str:
@@ -63,7 +94,7 @@ def generate(
     model: LLaMA,
     prompt_ids: list[int],
     *,
-    max_new_tokens: int,
+    max_new_tokens: int | None,
     temperature: float,
     top_k: int | None,
     top_p: float,
@@ -73,15 +104,16 @@ def generate(
 ) -> list[int]:
     """The tokens that follow `prompt_ids`, ending with `eos_id` if the model produced it.
 
-    At most `max_new_tokens`, and fewer when the model's context (`config.max_seq_len`) is full.
-    The prompt is run once to fill the KV cache; then each step feeds only the newest token."""
+    At most `max_new_tokens` (None: as many as the model's context, `config.max_seq_len`,
+    leaves room for), and never past the context. The prompt is run once to fill the KV cache;
+    then each step feeds only the newest token."""
     room = model.config.max_seq_len - len(prompt_ids)
     if not prompt_ids or room < 1:
         raise ValueError(
             f"the prompt has {len(prompt_ids)} tokens; it must have between 1 and "
             f"{model.config.max_seq_len - 1} to leave room for an answer"
         )
-    steps = min(max_new_tokens, room)
+    steps = room if max_new_tokens is None else min(max_new_tokens, room)
     device = model.tok_embeddings.weight.device
     idx = torch.tensor([prompt_ids], device=device)  # (1, T)
     input_pos = torch.arange(len(prompt_ids), device=device)  # (T,)
@@ -138,12 +170,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--input", default="", help="the record's input field, if any (templates only)")
     parser.add_argument("--raw", action="store_true", help="feed the prompt as is, after BOS")
     parser.add_argument(
-        "--template", choices=tuple(TEMPLATES), default="alpaca", help="the one trained with (default alpaca)"
+        "--template",
+        choices=tuple(TEMPLATES),
+        help=f"default: the one the adapters were trained with, else {DEFAULT_TEMPLATE}",
     )
     parser.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default 0.8)")
     parser.add_argument("--top-k", type=int, default=200, help="keep the k likeliest; 0 is off (default 200)")
     parser.add_argument("--top-p", type=float, default=0.9, help="nucleus mass kept; 1 is off (default 0.9)")
-    parser.add_argument("--max-new-tokens", type=int, default=256, help="stop after N tokens (default 256)")
+    parser.add_argument(
+        "--max-new-tokens", type=int, help="stop after N tokens (default: when the context is full)"
+    )
     parser.add_argument("--seed", type=int, default=1337, help="sampling seed (default 1337)")
     parser.add_argument(
         "--device", type=device_arg, default="auto", help="auto, cpu, cuda or cuda:N (default auto)"
@@ -153,7 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    if args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1 or args.max_new_tokens < 1:
+    too_few = args.max_new_tokens is not None and args.max_new_tokens < 1
+    if args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1 or too_few:
         parser.error("need --temperature >= 0, --top-k >= 0, 0 < --top-p <= 1 and --max-new-tokens >= 1")
     if args.raw and args.input:
         parser.error("--input fills a template; with --raw put everything in --prompt")
@@ -171,7 +208,8 @@ def load(checkpoint: Path, lora: Path | None, device: torch.device) -> tuple[LLa
 
 def run(args: argparse.Namespace, model: LLaMA, tokenizer: Tokenizer) -> dict[str, Any]:
     """Generate for the parsed command line; stream the text to stdout unless --json."""
-    text = prompt_text(args.prompt, None if args.raw else args.template, args.input)
+    template = None if args.raw else resolve_template(args.template, args.lora)
+    text = prompt_text(args.prompt, template, args.input)
     ids = tokenizer.encode(text, bos=True)
     if len(ids) >= model.config.max_seq_len:
         raise ValueError(f"the prompt has {len(ids)} tokens, the model's context {model.config.max_seq_len}")
@@ -198,12 +236,14 @@ def run(args: argparse.Namespace, model: LLaMA, tokenizer: Tokenizer) -> dict[st
     seconds = time.perf_counter() - start
     if not args.json:
         print(decoder.flush())
+    answer = answer_of(tokenizer, new)
     return {
         "prompt": text,
-        "text": tokenizer.decode([t for t in new if t != tokenizer.eos_id]),
+        "template": template,
+        "text": answer.text,
         "token_ids": new,
-        "new_tokens": len(new),
-        "stop_reason": "eos" if new and new[-1] == tokenizer.eos_id else "length",
+        "new_tokens": answer.tokens,
+        "stop_reason": answer.stop_reason,
         "seconds": round(seconds, 3),
         "tokens_per_s": round(len(new) / seconds, 2),
     }

@@ -13,7 +13,7 @@ import math
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -73,10 +73,22 @@ class LoRAConfig:
         return cls(**{**data, "targets": tuple(data["targets"])})
 
 
+@dataclass(frozen=True)
+class Provenance:
+    """What the adapters were trained with besides their shape: the prompt template, which is
+    the default wherever they are used, and the base model's name, which PEFT's
+    `AutoPeftModelForCausalLM` loads them onto."""
+
+    template: str | None = None
+    base_model: str | None = None
+
+
 class LoRALinear(nn.Module):
     """A frozen Linear plus a trainable low-rank update: y = base(x) + scale * B A dropout(x).
 
-    The adapter lives in float32 even when the base is bf16, so small updates are not rounded away.
+    The adapter's weights live in float32 even when the base is bf16, so small updates are not
+    rounded away; they are applied in the input's type, as the frozen product is, so no float32
+    copy of the activations is made or kept for backward.
     """
 
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float) -> None:
@@ -91,8 +103,9 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        update = self.dropout(x).to(self.lora_a.dtype) @ self.lora_a.T @ self.lora_b.T  # (..., out)
-        return self.base(x) + (update * self.scale).to(x.dtype)
+        a, b = self.lora_a.to(x.dtype), self.lora_b.to(x.dtype)
+        update = self.dropout(x) @ a.T @ b.T  # (..., out)
+        return self.base(x) + update * self.scale
 
     @torch.no_grad()
     def merge(self) -> nn.Linear:
@@ -196,22 +209,47 @@ def expected_shapes(model: LLaMA, config: LoRAConfig) -> dict[str, tuple[int, ..
 def read_adapters(path: str | Path) -> tuple[LoRAConfig, dict[str, torch.Tensor]]:
     """The LoRA config and tensors of a lora.safetensors written by `save_adapters`, or of the
     one in the folder `path`."""
+    path = adapter_path(path)
+    metadata = _metadata(path)
+    try:
+        state = load_file(path)
+    except (OSError, SafetensorError) as err:
+        raise AdapterError(f"cannot read adapters {path}: {err}") from err
+    known = {f.name for f in fields(LoRAConfig)}
+    try:
+        config = LoRAConfig.from_dict({k: v for k, v in metadata.items() if k in known})
+    except (ValueError, TypeError, KeyError) as err:
+        raise AdapterError(f"{path} has an unusable lora_config: {err}") from err
+    return config, state
+
+
+def read_provenance(path: str | Path) -> Provenance:
+    """What the adapters at `path` were trained with, from the file's header alone."""
+    metadata = _metadata(adapter_path(path))
+    return Provenance(metadata.get("template"), metadata.get("base_model"))
+
+
+def adapter_path(path: str | Path) -> Path:
+    """lora.safetensors itself, or the one in the folder `path`."""
     path = Path(path)
-    if path.is_dir():
-        path = path / ADAPTER_FILE
+    return path / ADAPTER_FILE if path.is_dir() else path
+
+
+def _metadata(path: Path) -> dict[str, Any]:
     try:
         with safe_open(path, framework="pt") as file:
             metadata = file.metadata() or {}
-        state = load_file(path)
     except (OSError, SafetensorError) as err:
         raise AdapterError(f"cannot read adapters {path}: {err}") from err
     if "lora_config" not in metadata:
         raise AdapterError(f"{path} has no lora_config metadata; it was not written by save_adapters")
     try:
-        config = LoRAConfig.from_dict(json.loads(metadata["lora_config"]))
-    except (ValueError, TypeError, KeyError) as err:
+        found = json.loads(metadata["lora_config"])
+    except json.JSONDecodeError as err:
         raise AdapterError(f"{path} has an unusable lora_config: {err}") from err
-    return config, state
+    if not isinstance(found, dict):
+        raise AdapterError(f"{path} has an unusable lora_config: not a JSON object")
+    return found
 
 
 def load_adapters(model: LLaMA, path: str | Path) -> LoRAConfig:
@@ -225,24 +263,29 @@ def load_adapters(model: LLaMA, path: str | Path) -> LoRAConfig:
     return config
 
 
-def save_adapters(model: nn.Module, config: LoRAConfig, out_dir: str | Path) -> Path:
-    """Write OUT/lora.safetensors (our layout, the LoRA config in its metadata) and a PEFT adapter
-    for the Hugging Face layout of the base model (OUT/adapter_model.safetensors and
-    OUT/adapter_config.json); return the path of lora.safetensors.
+def save_adapters(
+    model: nn.Module, config: LoRAConfig, out_dir: str | Path, provenance: Provenance = Provenance()
+) -> Path:
+    """Write OUT/lora.safetensors (our layout; the LoRA config and the provenance in its
+    metadata) and a PEFT adapter for the Hugging Face layout of the base model
+    (OUT/adapter_model.safetensors and OUT/adapter_config.json); return the path of
+    lora.safetensors.
 
-    One metadata key only: safetensors orders keys arbitrarily, and the file must be
-    byte-identical across identical runs."""
+    One metadata key only, holding one JSON object: safetensors orders keys arbitrarily, and the
+    file must be byte-identical across identical runs. The template is not written into
+    adapter_config.json: PEFT warns about any key it does not know, telling the user to upgrade."""
     out = Path(out_dir)
     state = lora_state_dict(model)
     shape = model.config
     # Each file is written under a temporary name and renamed, so a run killed while saving
     # never leaves a truncated adapter that looks complete.
     with _replaced(out / ADAPTER_FILE) as tmp:
-        save_file(state, tmp, metadata={"lora_config": json.dumps(config.to_dict())})
+        recorded = {**config.to_dict(), **asdict(provenance)}
+        save_file(state, tmp, metadata={"lora_config": json.dumps(recorded)})
     with _replaced(out / PEFT_WEIGHTS) as tmp:
         save_file(peft_state_dict(state, shape.n_head, shape.n_kv_head), tmp, {"format": "pt"})
     with _replaced(out / PEFT_CONFIG) as tmp:
-        tmp.write_text(json.dumps(peft_config(config), indent=2) + "\n")
+        tmp.write_text(json.dumps(peft_config(config, provenance.base_model), indent=2) + "\n")
     return out / ADAPTER_FILE
 
 
@@ -279,14 +322,14 @@ def peft_target_modules(targets: tuple[str, ...]) -> list[str]:
     return sorted({to_hf_module(name).rpartition(".")[2] for name in ours})
 
 
-def peft_config(config: LoRAConfig) -> dict[str, Any]:
+def peft_config(config: LoRAConfig, base_model: str | None = None) -> dict[str, Any]:
     """adapter_config.json for PEFT's LoraConfig. PEFT scales by lora_alpha / r, as we do, as long
     as rsLoRA is off; adapters sit on every layer, so short module names select them all."""
     alpha = config.alpha
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": None,
+        "base_model_name_or_path": base_model,
         "revision": None,
         "inference_mode": True,
         "r": config.r,

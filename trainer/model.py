@@ -80,7 +80,7 @@ class LLaMA(nn.Module):
         self.norm = RMSNorm(config.n_embd, config.norm_eps)
         self.output = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.register_buffer("causal_mask", None, persistent=False)
-        self.activation_checkpointing = False
+        self.checkpointed_layers = 0  # the first N blocks recompute their activations in backward
         self.init_rope()
         self.reset_parameters()
 
@@ -119,15 +119,28 @@ class LLaMA(nn.Module):
             layer.attention.kv_cache = None
         self.causal_mask = None
 
-    def forward(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits for every position of `idx` (B, T). With `input_pos` (T,), the positions of
-        these tokens, attention reads from and writes to the KV cache."""
+    def forward(
+        self,
+        idx: torch.Tensor,
+        input_pos: torch.Tensor | None = None,
+        *,
+        position_ids: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits for every position of `idx` (B, T).
+
+        With `input_pos` (T,), the positions of these tokens, attention reads from and writes to
+        the KV cache. Rows packed with several samples give `position_ids` (B, T), each token's
+        position within its sample, and `document_ids` (B, T), which sample it belongs to:
+        attention then stays within each sample, as if each were alone in its row."""
         seq_len = idx.size(1)
         if input_pos is None:
             max_len = self.config.max_seq_len
             if seq_len > max_len:
                 raise ValueError(f"sequence length {seq_len} exceeds max_seq_len {max_len}")
-            cos, sin, mask = self.rope_cos[:seq_len], self.rope_sin[:seq_len], None
+            positions = slice(0, seq_len) if position_ids is None else position_ids
+            cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # ([B,] T, hs/2)
+            mask = None if document_ids is None else document_mask(document_ids)
         else:
             if self.causal_mask is None:
                 raise RuntimeError("input_pos given but no KV cache; call setup_kv_cache first")
@@ -135,13 +148,22 @@ class LLaMA(nn.Module):
             mask = self.causal_mask[None, None, input_pos]  # (1, 1, T, S)
 
         x = self.tok_embeddings(idx)  # (B, T, C)
-        for layer in self.layers:
-            if self.activation_checkpointing and self.training:
+        for i, layer in enumerate(self.layers):
+            if i < self.checkpointed_layers and self.training:
                 # Recompute the block in backward instead of keeping its activations.
                 x = checkpoint(layer, x, cos, sin, mask, input_pos, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, mask, input_pos)
         return self.output(self.norm(x))  # (B, T, vocab_size)
+
+
+def document_mask(document_ids: torch.Tensor) -> torch.Tensor:
+    """(B, 1, T, T) True where a query may attend a key: an earlier or the same position of the
+    same sample. Padding (-1) attends to padding only, so no row of the mask is empty."""
+    T = document_ids.size(1)
+    causal = torch.ones(T, T, dtype=torch.bool, device=document_ids.device).tril()
+    same = document_ids[:, :, None] == document_ids[:, None, :]  # (B, T, T)
+    return (same & causal)[:, None]
 
 
 class Block(nn.Module):
@@ -270,9 +292,12 @@ def build_rope_cache(config: Config, device: torch.device) -> tuple[torch.Tensor
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate the interleaved pairs (x[2i], x[2i+1]) of every head, as Meta's checkpoints expect
-    (Hugging Face rotates halves instead and permutes q/k rows to compensate)."""
-    xf = x.float()
-    x1, x2 = xf[..., 0::2], xf[..., 1::2]  # (B, T, nh, hs/2)
-    cos, sin = cos[:, None, :], sin[:, None, :]  # (T, 1, hs/2)
+    (Hugging Face rotates halves instead and permutes q/k rows to compensate).
+
+    The angles are computed in float32 (`build_rope_cache`); the rotation runs in x's type, as
+    Hugging Face's does: a float32 copy of q and k would cost memory and bandwidth, and its
+    result is rounded back to x's type anyway."""
+    x1, x2 = x[..., 0::2], x[..., 1::2]  # (B, T, nh, hs/2)
+    cos, sin = cos.unsqueeze(-2).to(x.dtype), sin.unsqueeze(-2).to(x.dtype)  # ([B,] T, 1, hs/2)
     rotated = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)  # (B, T, nh, hs/2, 2)
-    return rotated.flatten(-2).type_as(x)  # (B, T, nh, hs)
+    return rotated.flatten(-2)  # (B, T, nh, hs)

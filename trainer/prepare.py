@@ -1,14 +1,15 @@
 """Tokenize instruction records into train.pt and test.pt, with a manifest of what was kept.
 
 The manifest (prepare.json) records every count a reader needs to trust the data: bad records,
-truncated and dropped samples, the template, and the token-length histogram from which
-`--max-seq-length` should be chosen.
+truncated and dropped samples, the template, the truncation policy, and the token-length
+histogram from which `--max-seq-length` should be chosen.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ import torch
 
 from trainer.data import (
     TEMPLATES,
+    TRUNCATION,
     DataError,
     Sample,
     build_sample,
@@ -41,6 +43,13 @@ class PrepareConfig:
     template: str = "alpaca"
     mask_inputs: bool = True
     on_bad_record: str = "fail"
+    on_truncate: str = "no-eos"
+
+
+# Above this share of samples cut by --max-seq-length, prepare warns and names a length that keeps
+# KEEP_WHOLE of them whole.
+TRUNCATED_WARNING = 0.02
+KEEP_WHOLE = 0.98
 
 
 def prepare(cfg: PrepareConfig) -> dict[str, Any]:
@@ -58,19 +67,20 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
     for record in records:
         tokens = tokenize(tokenizer, record, cfg.template)
         lengths.append(tokens.full_length)
-        sample = build_sample(tokens, cfg.max_seq_length, cfg.mask_inputs)
+        sample = build_sample(tokens, cfg.max_seq_length, cfg.mask_inputs, cfg.on_truncate)
         if sample is not None:
             samples.append(sample)
     if cfg.test_size >= len(samples):
         raise DataError(f"--test-size {cfg.test_size} leaves no training samples of {len(samples)}")
 
+    # Counted over the records, not the samples kept: under --on-truncate drop the cut ones are gone.
+    truncated = sum(n > cfg.max_seq_length for n in lengths)
     generator = torch.Generator().manual_seed(cfg.seed)
     order = torch.randperm(len(samples), generator=generator).tolist()
     split = {"test": order[: cfg.test_size], "train": order[cfg.test_size :]}
     cfg.out.mkdir(parents=True, exist_ok=True)
     for name, indices in split.items():
-        rows = [{"input_ids": samples[i].input_ids, "labels": samples[i].labels} for i in indices]
-        torch.save(rows, cfg.out / f"{name}.pt")
+        torch.save([samples[i].row() for i in indices], cfg.out / f"{name}.pt")
 
     manifest = {
         "input": str(cfg.input),
@@ -79,11 +89,14 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
         "template": cfg.template,
         "mask_inputs": cfg.mask_inputs,
         "max_seq_length": cfg.max_seq_length,
+        "on_truncate": cfg.on_truncate,
         "seed": cfg.seed,
         "records": len(records) + len(bad),
         "bad": len(bad),
         "bad_records": [{"index": b.index, "reason": b.reason} for b in bad],
-        "truncated": sum(s.truncated for s in samples),
+        "truncated": truncated,
+        "truncated_share": truncated / len(lengths),
+        "length_keeping_98_percent": quantile(lengths, KEEP_WHOLE),
         "dropped": len(records) - len(samples),
         "train": len(split["train"]),
         "test": len(split["test"]),
@@ -92,6 +105,32 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
     }
     (cfg.out / "prepare.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+def quantile(lengths: list[int], share: float) -> int:
+    """The smallest length that `share` of the samples fit in whole."""
+    ordered = sorted(lengths)
+    return ordered[max(0, math.ceil(share * len(ordered)) - 1)]
+
+
+def truncation_warning(manifest: dict[str, Any]) -> str | None:
+    """One line when more samples are cut than a fine-tune should accept."""
+    share = manifest["truncated_share"]
+    if share <= TRUNCATED_WARNING:
+        return None
+    return (
+        f"warning: {share:.1%} of samples are longer than --max-seq-length "
+        f"{manifest['max_seq_length']} ({manifest['on_truncate']}: "
+        f"{TRUNCATION_EFFECT[manifest['on_truncate']]}); --max-seq-length "
+        f"{manifest['length_keeping_98_percent']} keeps {KEEP_WHOLE:.0%} whole"
+    )
+
+
+TRUNCATION_EFFECT = {
+    "no-eos": "their answers are learnt without an end",
+    "drop": "they are left out",
+    "eos": "their answers are taught to stop at the cut",
+}
 
 
 def histogram(lengths: list[int]) -> dict[str, int]:
@@ -104,11 +143,20 @@ def histogram(lengths: list[int]) -> dict[str, int]:
     return buckets
 
 
-def print_histogram(buckets: dict[str, int], max_seq_length: int) -> None:
+def print_histogram(manifest: dict[str, Any]) -> None:
+    """The length histogram on stderr, the truncated share beside it, and the warning if due."""
+    buckets, limit = manifest["length_histogram"], manifest["max_seq_length"]
     width = max(buckets.values()) or 1
-    print(f"token lengths (max_seq_length {max_seq_length}):", file=sys.stderr)
+    print(
+        f"token lengths (max_seq_length {limit}: {manifest['truncated_share']:.1%} truncated, "
+        f"{manifest['on_truncate']}):",
+        file=sys.stderr,
+    )
     for label, count in buckets.items():
         print(f"  {label:>9} {count:6d} {'#' * round(40 * count / width)}", file=sys.stderr)
+    warning = truncation_warning(manifest)
+    if warning:
+        print(warning, file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,6 +175,12 @@ def main(argv: list[str] | None = None) -> int:
         help="also take the loss on prompt tokens",
     )
     parser.add_argument("--on-bad-record", choices=("skip", "fail"), default="fail")
+    parser.add_argument(
+        "--on-truncate",
+        choices=TRUNCATION,
+        default="no-eos",
+        help="a sample longer than --max-seq-length: cut with no EOS (default), dropped, or cut with EOS",
+    )
     parser.add_argument("--json", action="store_true", help="print the manifest on stdout")
     args = parser.parse_args(argv)
     if args.max_seq_length < 2 or args.test_size < 0:
@@ -139,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print_histogram(manifest["length_histogram"], cfg.max_seq_length)
+    print_histogram(manifest)
     return report(
         manifest,
         args.json,

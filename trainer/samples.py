@@ -1,9 +1,11 @@
 """Answers to a few fixed prompts before and after fine-tuning, side by side in one JSON file.
 
 The same checkpoint answers each prompt twice, greedily (so the comparison depends on the
-weights alone): first as it is, then with the LoRA adapters applied. `runner compare RUN` shows
-the file as a table. The default prompts are Chinese instructions of the kinds the bundled jobs
-train on; --prompts takes a JSON list of strings instead.
+weights alone): first as it is, then with the LoRA adapters applied. Each answer runs until EOS
+or a full context unless --max-new-tokens caps it, and records why it stopped (`eos` or
+`length`) and its token count. `runner compare RUN` shows the file as a table. The default
+prompts are Chinese instructions of the kinds the bundled jobs train on; --prompts takes a JSON
+list of strings instead.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from pathlib import Path
 from trainer.checkpoint import TOKENIZER, load_model
 from trainer.data import TEMPLATES
 from trainer.devices import device_arg
-from trainer.generate import generate, prompt_text
+from trainer.generate import Answer, answer_of, generate, prompt_text, resolve_template
 from trainer.lora import load_adapters
 from trainer.tokenizer import Tokenizer
 
@@ -28,9 +30,11 @@ DEFAULT_PROMPTS = (
 )
 
 
-def answers(model, tokenizer: Tokenizer, prompts: list[str], template: str, max_new_tokens: int) -> list[str]:
+def answers(
+    model, tokenizer: Tokenizer, prompts: list[str], template: str, max_new_tokens: int | None
+) -> list[Answer]:
     """The model's greedy answer to each prompt, filled into the training template."""
-    texts = []
+    found = []
     for prompt in prompts:
         ids = tokenizer.encode(prompt_text(prompt, template), bos=True)
         new = generate(
@@ -43,12 +47,12 @@ def answers(model, tokenizer: Tokenizer, prompts: list[str], template: str, max_
             eos_id=tokenizer.eos_id,
             generator=None,
         )
-        texts.append(tokenizer.decode([token for token in new if token != tokenizer.eos_id]))
-    return texts
+        found.append(answer_of(tokenizer, new))
+    return found
 
 
 def compare(
-    checkpoint: Path, lora: Path, prompts: list[str], template: str, max_new_tokens: int, device
+    checkpoint: Path, lora: Path, prompts: list[str], template: str, max_new_tokens: int | None, device
 ) -> dict:
     model, _ = load_model(checkpoint)
     model = model.to(device).eval()
@@ -62,10 +66,15 @@ def compare(
         "template": template,
         "max_new_tokens": max_new_tokens,
         "samples": [
-            {"prompt": prompt, "before": old, "after": new}
+            {"prompt": prompt, **side("before", old), **side("after", new)}
             for prompt, old, new in zip(prompts, before, after, strict=True)
         ],
     }
+
+
+def side(name: str, answer: Answer) -> dict:
+    """One answer's fields in a sample: the text under `name`, then why it stopped and its length."""
+    return {name: answer.text, f"{name}_stop_reason": answer.stop_reason, f"{name}_tokens": answer.tokens}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,8 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lora", required=True, type=Path, help="lora.safetensors (or its folder)")
     parser.add_argument("--out", required=True, type=Path, help="the JSON file to write")
     parser.add_argument("--prompts", type=Path, help="a JSON list of instructions (default: four built in)")
-    parser.add_argument("--template", choices=tuple(TEMPLATES), default="alpaca", help="default alpaca")
-    parser.add_argument("--max-new-tokens", type=int, default=64, help="per answer (default 64)")
+    parser.add_argument(
+        "--template", choices=tuple(TEMPLATES), help="default: the one the adapters were trained with"
+    )
+    parser.add_argument(
+        "--max-new-tokens", type=int, help="cap per answer (default: none, until EOS or a full context)"
+    )
     parser.add_argument("--device", type=device_arg, default="auto", help="auto, cpu, cuda or cuda:N")
     return parser
 
@@ -88,7 +101,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         if not (isinstance(prompts, list) and prompts and all(isinstance(p, str) and p for p in prompts)):
             raise ValueError(f"{args.prompts} must hold a JSON list of non-empty strings")
-        result = compare(args.checkpoint, args.lora, prompts, args.template, args.max_new_tokens, args.device)
+        if args.max_new_tokens is not None and args.max_new_tokens < 1:
+            raise ValueError("--max-new-tokens must be at least 1")
+        template = resolve_template(args.template, args.lora)
+        result = compare(args.checkpoint, args.lora, prompts, template, args.max_new_tokens, args.device)
     except (OSError, ValueError) as err:  # AdapterError is a ValueError
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file
 
-from trainer.lora import ADAPTER_FILE, LoRAConfig, save_adapters
+from trainer.lora import ADAPTER_FILE, LoRAConfig, Provenance, save_adapters
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -89,6 +89,7 @@ def save_checkpoint(
     config: dict[str, Any],
     state: dict[str, Any],
     keep: int,
+    provenance: Provenance = Provenance(),
 ) -> Path:
     """Write OUT/checkpoints/step-NNNNNN atomically, point `latest` at it, and keep the `keep`
     newest checkpoints up to this step. Any checkpoint past this step belongs to a run that was
@@ -100,7 +101,7 @@ def save_checkpoint(
     shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while saving
     try:
         tmp.mkdir()
-        save_adapters(model, lora, tmp)
+        save_adapters(model, lora, tmp, provenance)
         torch.save(optimizer.state_dict(), tmp / OPTIMIZER)
         torch.save(state, tmp / STATE)
         (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")

@@ -1,4 +1,4 @@
-"""Samples: prompt masking, EOS kept on truncation, dropping, validation, prepare's outputs."""
+"""Samples: prompt masking, the truncation policies, dropping, validation, prepare's outputs."""
 
 import json
 from dataclasses import replace
@@ -18,6 +18,7 @@ from trainer.data import (
     validate_records,
 )
 from trainer.prepare import PrepareConfig, prepare
+from trainer.prepare import main as prepare_main
 
 pytestmark = pytest.mark.unit
 
@@ -37,15 +38,27 @@ def test_unmasked_labels_equal_inputs():
     assert torch.equal(sample.labels, sample.input_ids)
 
 
-def test_truncation_cuts_the_response_and_keeps_eos():
+def test_by_default_a_cut_response_is_left_open_and_never_taught_to_stop():
     sample = build_sample(TOKENS, max_seq_length=7)
-    assert sample.input_ids.tolist() == [1, 10, 11, 12, 20, 21, EOS]
-    assert sample.labels[-1] == EOS and sample.truncated
+    assert sample.input_ids.tolist() == [1, 10, 11, 12, 20, 21, 22]
+    assert EOS not in sample.labels.tolist() and sample.truncated
+    assert sample.prompt_length == 4
+
+
+def test_drop_leaves_a_cut_sample_out_and_eos_keeps_the_old_stop_at_the_cut():
+    assert build_sample(TOKENS, max_seq_length=7, on_truncate="drop") is None
+    assert build_sample(TOKENS, max_seq_length=10, on_truncate="drop").labels[-1] == EOS  # fits whole
+    sample = build_sample(TOKENS, max_seq_length=7, on_truncate="eos")
+    assert sample.input_ids.tolist() == [1, 10, 11, 12, 20, 21, EOS] and sample.truncated
+    with pytest.raises(DataError, match="unknown truncation policy 'cut'"):
+        build_sample(TOKENS, max_seq_length=7, on_truncate="cut")
 
 
 def test_prompt_without_room_for_an_answer_is_dropped():
-    assert build_sample(TOKENS, max_seq_length=5) is None  # prompt + EOS only
-    assert build_sample(TOKENS, max_seq_length=6).input_ids.tolist() == [1, 10, 11, 12, 20, EOS]
+    assert build_sample(TOKENS, max_seq_length=4) is None  # the prompt alone
+    assert build_sample(TOKENS, max_seq_length=5).input_ids.tolist() == [1, 10, 11, 12, 20]
+    assert build_sample(TOKENS, max_seq_length=5, on_truncate="eos") is None  # prompt + EOS only
+    assert build_sample(TOKENS, max_seq_length=6, on_truncate="eos").input_ids.tolist() == [1, 10, 11, 12, 20, EOS]
 
 
 def test_bad_records_are_reported_by_index():
@@ -118,7 +131,11 @@ def test_prepare_writes_split_and_manifest(records_file, tokenizer, tmp_path):
     assert manifest["records"] == 300 and manifest["truncated"] + manifest["dropped"] > 0
     assert len(train) + len(test) + manifest["dropped"] == 299
     assert sum(manifest["length_histogram"].values()) == 299
-    assert all(len(row["input_ids"]) <= 60 and row["labels"][-1] == 2 for row in train + test)
+    assert all(len(row["input_ids"]) <= 60 for row in train + test)
+    left_open = [row for row in train + test if row["labels"][-1] != tokenizer.eos_id]
+    assert all(len(row["input_ids"]) == 60 for row in left_open)  # only a cut sample has no EOS
+    assert 0 < len(left_open) <= manifest["truncated"]
+    assert all(row["prompt_length"] == int((row["labels"] == IGNORE_INDEX).sum()) for row in train)
     assert json.loads((tmp_path / "out" / "prepare.json").read_text()) == manifest
 
     again = prepare(replace(cfg, out=tmp_path / "again"))
@@ -128,3 +145,29 @@ def test_prepare_writes_split_and_manifest(records_file, tokenizer, tmp_path):
 
     with pytest.raises(DataError, match="#5: empty output"):
         prepare(PrepareConfig(source, tokenizer.path, tmp_path / "x", 60, 20))
+
+
+def test_prepare_warns_above_2_percent_cut_and_names_the_length_that_keeps_98(
+    records_file, tokenizer, tmp_path, capsys
+):
+    argv = ["--input", str(records_file), "--tokenizer", str(tokenizer.path), "--test-size", "10"]
+    assert prepare_main([*argv, "--out", str(tmp_path / "short"), "--max-seq-length", "40"]) == 0
+    err = capsys.readouterr().err
+    manifest = json.loads((tmp_path / "short" / "prepare.json").read_text())
+    assert manifest["truncated_share"] > 0.02 and manifest["on_truncate"] == "no-eos"
+    assert f"{manifest['truncated_share']:.1%} truncated" in err.splitlines()[0]
+    keeps = manifest["length_keeping_98_percent"]
+    warning = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert len(warning) == 1 and f"--max-seq-length {keeps} keeps 98% whole" in warning[0]
+
+    assert prepare_main([*argv, "--out", str(tmp_path / "long"), "--max-seq-length", str(keeps)]) == 0
+    assert "warning:" not in capsys.readouterr().err
+    assert json.loads((tmp_path / "long" / "prepare.json").read_text())["truncated_share"] <= 0.02
+
+
+def test_drop_policy_leaves_out_every_cut_sample(records_file, tokenizer, tmp_path):
+    cfg = PrepareConfig(records_file, tokenizer.path, tmp_path / "out", 40, 10, on_truncate="drop")
+    manifest = prepare(cfg)
+    rows = torch.load(tmp_path / "out" / "train.pt", weights_only=True)
+    assert manifest["dropped"] >= manifest["truncated"] > 0
+    assert all(row["labels"][-1] == tokenizer.eos_id for row in rows)

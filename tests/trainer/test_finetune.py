@@ -86,12 +86,13 @@ def test_bad_flags_exit_2_with_one_line(capsys):
     assert err.count("\n") == 1
 
 
-def epochs(sampler: BatchSampler, n: int) -> list[list[list[int]]]:
-    """The micro-batches of the sampler's next `n` epochs."""
-    out: list[list[list[int]]] = []
+def epochs(sampler: BatchSampler, n: int) -> list[list[list[list[int]]]]:
+    """The micro-batches (each a list of rows, each row a list of samples) of the sampler's next
+    `n` epochs."""
+    out: list[list[list[list[int]]]] = []
     for _ in range(n):
         out.append([])
-        while sum(map(len, out[-1])) < len(sampler.lengths):
+        while sum(len(row) for batch in out[-1] for row in batch) < len(sampler.lengths):
             out[-1].append(sampler.next())
     return out
 
@@ -102,8 +103,9 @@ def test_every_epoch_is_a_permutation_and_the_order_follows_the_seed(grouped):
     lengths = torch.randint(5, 200, (203,), generator=torch.Generator().manual_seed(0)).tolist()
     first, second = epochs(BatchSampler(lengths, 8, seed=1, length_grouped=grouped), 2)
     for epoch in (first, second):
-        assert sorted(i for batch in epoch for i in batch) == list(range(203))
+        assert sorted(i for batch in epoch for row in batch for i in row) == list(range(203))
         assert [len(b) for b in epoch] == [8] * 25 + [3]  # the short batch last
+        assert all(len(row) == 1 for batch in epoch for row in batch)  # unpacked: a sample a row
     assert first != second
     assert epochs(BatchSampler(lengths, 8, seed=1, length_grouped=grouped), 1)[0] == first
     assert epochs(BatchSampler(lengths, 8, seed=2, length_grouped=grouped), 1)[0] != first
@@ -116,7 +118,7 @@ def test_length_grouping_cuts_padding_and_still_mixes_lengths_across_steps():
     grouped = epochs(BatchSampler(lengths, 8, seed=1, length_grouped=True), 1)[0]
     assert padding_fraction(random_order, lengths) > 0.3
     assert padding_fraction(grouped, lengths) < 0.05
-    longest = [max(lengths[i] for i in batch) for batch in grouped]
+    longest = [max(lengths[row[0]] for row in batch) for batch in grouped]
     assert longest != sorted(longest) and longest != sorted(longest, reverse=True)
 
 
@@ -220,10 +222,10 @@ def test_activation_checkpointing_reaches_the_model_and_changes_no_numbers(tmp_p
     inputs = write_tiny_inputs(tmp_path)
     plain = tiny_config(inputs, tmp_path / "plain", max_steps=3, save_interval=0)
     checkpointed = tiny_config(
-        inputs, tmp_path / "ckpt", max_steps=3, save_interval=0, activation_checkpointing=True
+        inputs, tmp_path / "ckpt", max_steps=3, save_interval=0, activation_checkpointing="all"
     )
-    assert setup(checkpointed, CPU, None, lambda _: None).model.activation_checkpointing
-    assert not setup(plain, CPU, None, lambda _: None).model.activation_checkpointing
+    assert setup(checkpointed, CPU, None, lambda _: None).model.checkpointed_layers == 2
+    assert setup(plain, CPU, None, lambda _: None).model.checkpointed_layers == 0
     assert train(checkpointed, lambda _: None)["final_loss"] == pytest.approx(
         train(plain, lambda _: None)["final_loss"], rel=1e-5
     )

@@ -140,7 +140,7 @@ def test_json_output(checkpoint, model, tokenizer, capsys):
     code, out, _ = run([*argv, "--max-new-tokens", "6", "--json"], capsys)
     assert code == 0
     result = json.loads(out)
-    keys = {"prompt", "text", "token_ids", "new_tokens", "stop_reason", "seconds", "tokens_per_s"}
+    keys = {"prompt", "template", "text", "token_ids", "new_tokens", "stop_reason", "seconds", "tokens_per_s"}
     assert set(result) == keys
     assert result["prompt"] == prompt_text(PROMPT, "alpaca")
     expected = sample(model, tokenizer.encode(result["prompt"]), max_new_tokens=6, eos_id=tokenizer.eos_id)

@@ -79,7 +79,7 @@ def tiny_config(inputs: tuple[Path, Path], out: Path, **overrides) -> TrainConfi
         lr=1e-2,
         weight_decay=0.01,
         eval_interval=5,
-        eval_batches=2,
+        eval_samples=8,
         save_interval=4,
         keep_checkpoints=2,
         seed=3,
@@ -192,7 +192,7 @@ def finetune_command(inputs: tuple[Path, Path], out: Path, *extra: str) -> list[
         "trainer.finetune",
         *("--checkpoint-dir", str(checkpoint), "--data-dir", str(data), "--out", str(out)),
         *("--micro-batch-size", "4", "--max-steps", "500", "--lr", "1e-3", "--save-interval", "50"),
-        *("--eval-interval", "100", "--eval-batches", "1", "--device", "cpu", "--seed", "5", *extra),
+        *("--eval-interval", "100", "--eval-samples", "4", "--device", "cpu", "--seed", "5", *extra),
     ]
 
 
