@@ -127,7 +127,7 @@ class BatchSampler:
         if not lengths:
             raise ValueError("no samples to draw batches from")
         if pack_capacity is not None and max(lengths) - 1 > pack_capacity:
-            raise ValueError(f"a sample of {max(lengths)} tokens does not fit a packed row of {pack_capacity}")
+            raise ValueError(f"a sample of {max(lengths)} tokens does not fit packed rows of {pack_capacity}")
         self.lengths = lengths
         self.micro_batch_size = micro_batch_size
         self.length_grouped = length_grouped

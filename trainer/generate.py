@@ -26,7 +26,6 @@ from trainer.model import LLaMA
 from trainer.report import report
 from trainer.tokenizer import Tokenizer
 
-
 DEFAULT_TEMPLATE = "alpaca"
 
 

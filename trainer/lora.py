@@ -264,7 +264,7 @@ def load_adapters(model: LLaMA, path: str | Path) -> LoRAConfig:
 
 
 def save_adapters(
-    model: nn.Module, config: LoRAConfig, out_dir: str | Path, provenance: Provenance = Provenance()
+    model: nn.Module, config: LoRAConfig, out_dir: str | Path, provenance: Provenance | None = None
 ) -> Path:
     """Write OUT/lora.safetensors (our layout; the LoRA config and the provenance in its
     metadata) and a PEFT adapter for the Hugging Face layout of the base model
@@ -275,6 +275,7 @@ def save_adapters(
     file must be byte-identical across identical runs. The template is not written into
     adapter_config.json: PEFT warns about any key it does not know, telling the user to upgrade."""
     out = Path(out_dir)
+    provenance = provenance or Provenance()
     state = lora_state_dict(model)
     shape = model.config
     # Each file is written under a temporary name and renamed, so a run killed while saving

@@ -89,7 +89,7 @@ def save_checkpoint(
     config: dict[str, Any],
     state: dict[str, Any],
     keep: int,
-    provenance: Provenance = Provenance(),
+    provenance: Provenance | None = None,
 ) -> Path:
     """Write OUT/checkpoints/step-NNNNNN atomically, point `latest` at it, and keep the `keep`
     newest checkpoints up to this step. Any checkpoint past this step belongs to a run that was

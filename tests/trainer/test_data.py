@@ -58,7 +58,8 @@ def test_prompt_without_room_for_an_answer_is_dropped():
     assert build_sample(TOKENS, max_seq_length=4) is None  # the prompt alone
     assert build_sample(TOKENS, max_seq_length=5).input_ids.tolist() == [1, 10, 11, 12, 20]
     assert build_sample(TOKENS, max_seq_length=5, on_truncate="eos") is None  # prompt + EOS only
-    assert build_sample(TOKENS, max_seq_length=6, on_truncate="eos").input_ids.tolist() == [1, 10, 11, 12, 20, EOS]
+    kept = build_sample(TOKENS, max_seq_length=6, on_truncate="eos")
+    assert kept.input_ids.tolist() == [1, 10, 11, 12, 20, EOS]
 
 
 def test_bad_records_are_reported_by_index():

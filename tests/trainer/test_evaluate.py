@@ -81,7 +81,8 @@ def test_zero_adapters_leave_the_loss_unchanged(workspace, tmp_path, capsys):
     assert code == 0
     result = json.loads(out)
     endings = {"answers", "eos_share", "answer_tokens_mean", "reference_tokens_mean"}
-    assert set(result) == {"base", "lora"} and set(result["base"]) == {"loss", "perplexity", "tokens", *endings}
+    assert set(result) == {"base", "lora"}
+    assert set(result["base"]) == {"loss", "perplexity", "tokens", *endings}
     assert result["lora"] == result["base"]
 
     code, out, err = run([*argv, "--max-batches", "1"], capsys)
