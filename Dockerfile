@@ -4,7 +4,12 @@
 # and in every run manifest. Layers go from least to most often changed, so editing the
 # trainer's code rebuilds only the last one (a few hundred KB to ship, not gigabytes).
 # PIP_EXTRA_ARGS lets a build use a nearby package mirror, e.g. "--index-url https://...".
-ARG BASE_IMAGE=pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime
+#
+# The base's torch is the minor version the test suite runs (tests/trainer/test_one_torch.py
+# checks it). CUDA 12.8 builds cover sm_80 (A100/A800), sm_86/sm_89 (RTX 3090/4090, L20, L40S),
+# sm_90 (H100/H800/H200/H20) and sm_120 (RTX 5090), and run on drivers from 525 on for all but
+# Blackwell, which needs 570 or later in any case; CUDA 13 builds would need driver 580.
+ARG BASE_IMAGE=pytorch/pytorch:2.13.0-cuda12.8-cudnn9-runtime
 FROM ${BASE_IMAGE}
 
 ARG PIP_EXTRA_ARGS=""

@@ -22,9 +22,13 @@ built the way training builds them (the trainer's BatchSampler, with pack_capaci
 and draw_global_batch, which collates packed rows to their fixed length; pinned, then copied
 non-blocking), sample lengths drawn from bench/lengths.py's `instinwild_like_lengths` where that
 module exists, otherwise from a lognormal with median 180 tokens and sigma 0.6, clipped to
-[16, max_seq_length]; from those tokens/s it projects the seed job: 3 epochs of 51,000 records,
-in hours and CNY at the job's GPU price (pricing.gpu_per_hour), on this card and, scaled by the
-cards' peak TFLOP/s (not measured), on an RTX 4090.
+[16, max_seq_length]. Each of those steps takes --grad-accum micro-batches (default 1, not the
+job's 32: the optimizer's share of a step is small for LoRA, and the lease is short), timed like
+trainer.finetune's train_step: drawing and collating the batch included. From those tokens/s it
+projects the seed job, 3 epochs of 51,000 records of the drawn mean length, in hours and CNY at
+the job's GPU price (pricing.gpu_per_hour): on this card, and on an RTX 4090 by scaling with the
+cards' peak TFLOP/s (the same MFU assumed: labelled scaled, not measured); also the hours of the
+job's own --max-steps x --grad-accum micro-batches, which differ from 3 epochs with --pack.
 
 Per configuration: tokens/s (real tokens only: padding is not counted), seconds per optimizer
 step, MFU, peak memory allocated and reserved by PyTorch's caching allocator (GiB; CUDA's own
@@ -46,6 +50,10 @@ human summary line. Exit status 1 if a configuration failed other than by runnin
 
     PYTHONPATH=. python bench/trainer_gpu.py [--configs recipe,ckpt-all-4x512] [--steps 20]
     PYTHONPATH=. python bench/trainer_gpu.py --cpu-dry-run   # the same code on a tiny model, no GPU
+
+--cpu-dry-run runs the same code on the CPU on a 2-layer model 64 wide (rows cut to its 256
+positions), 2 timed steps, no torch.compile, no MFU and no memory figures: to exercise the code
+where there is no GPU, not to measure anything.
 
 bench/gpu_check.sh runs this after the GPU's identity and a CUDA correctness test.
 """
@@ -73,13 +81,15 @@ from trainer.lora import LoRAConfig, apply_lora, count_trainable
 from trainer.memory import plan
 from trainer.model import Config, LLaMA
 
+LENGTHS_MISSING = None
 try:
     from bench.lengths import instinwild_like_lengths
-except ImportError as err:  # not written yet, or not importable: say which in the output
-    instinwild_like_lengths = None
-    LENGTHS_MISSING = f"{type(err).__name__}: {err}"
-else:
-    LENGTHS_MISSING = None
+except ImportError:
+    try:  # run as a script without the repository on sys.path: this file's folder is on it
+        from lengths import instinwild_like_lengths
+    except ImportError as err:  # not written yet, or not importable: the output says which
+        instinwild_like_lengths = None
+        LENGTHS_MISSING = f"{type(err).__name__}: {err}"
 
 REPO = Path(__file__).resolve().parents[1]
 JOB = REPO / "jobs" / "llama7b-lora-zh.yaml"
@@ -533,10 +543,9 @@ def summary(records: list[dict[str, Any]], env: Env) -> str:
                 f"{r['tokens_per_s']:.0f} tok/s, {mfu_text}, {memory}, plan {r['plan_peak_gib']:.1f} GiB"
             )
     peak = f"{env.peak[1]:g} TFLOP/s bf16 peak" if env.peak else "bf16 peak unknown (pass --peak-tflops)"
-    return (
-        f"summary: LLaMA-7B shape, {env.model.n_layer} layers, {PRECISION}, on {env.name} ({peak}): "
-        + "; ".join(parts)
-    )
+    shape = "the tiny dry-run shape" if env.dry_run else "LLaMA-7B shape"
+    head = f"summary: {shape}, {env.model.n_layer} layers, {PRECISION}, on {env.name} ({peak})"
+    return f"{head}: {'; '.join(parts)}"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -590,7 +599,8 @@ def select(setups: list[Setup], names: str | None, env: Env) -> list[Setup]:
             f"error: unknown --configs {', '.join(sorted(unknown))}; "
             f"choose from {', '.join(s.name for s in setups)}"
         )
-    return [s for s in setups if s.name in wanted]
+    by_name = {s.name: s for s in setups}
+    return [by_name[name] for name in dict.fromkeys(wanted)]  # in the order asked, each once
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -599,13 +609,14 @@ def main(argv: list[str] | None = None) -> int:
     recipe = read_recipe(args.job)
     if args.cny_per_hour is not None:
         recipe = recipe._replace(cny_per_hour=args.cny_per_hour)
-    if env.dry_run:
-        recipe = recipe._replace(max_seq_length=min(recipe.max_seq_length, env.model.max_seq_len))
+    # As trainer.finetune.load_data caps it: rows no longer than the model's context.
+    recipe = recipe._replace(max_seq_length=min(recipe.max_seq_length, env.model.max_seq_len))
     setups = select(default_setups(recipe, env.model.n_layer), args.configs, env)
     common = {
         "device": env.name,
         "torch": torch.__version__,
         "peak_tflops": env.peak and env.peak[1],
+        "peak_from": env.peak and env.peak[0],  # the table's name that matched, or --peak-tflops
         "gpu_mem_gib": round(torch.cuda.get_device_properties(env.device).total_memory / 2**30, 1)
         if env.device.type == "cuda"
         else None,

@@ -334,6 +334,7 @@ def compare(run_ref: str, as_json: bool) -> None:
     """
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     from runner.errors import NotFound
     from runner.store import open_store
@@ -354,8 +355,19 @@ def compare(run_ref: str, as_json: bool) -> None:
     for heading in ("prompt", "before", "after"):
         table.add_column(heading, overflow="fold")
     for sample in samples["samples"]:
-        table.add_row(sample["prompt"], sample["before"], sample["after"])
+        # Text, not markup: an answer's own brackets, and the stop reason's, are shown as written.
+        cells = (sample["prompt"], _answer_cell(sample, "before"), _answer_cell(sample, "after"))
+        table.add_row(*map(Text, cells))
     Console().print(table)
+
+
+def _answer_cell(sample: dict, side: str) -> str:
+    """An answer, then why it stopped, "eos" (the model ended it) or "length" (cut by a cap or
+    the context), and its tokens; samples.json files written before stop reasons show the text only."""
+    reason = sample.get(f"{side}_stop_reason")
+    if reason is None:
+        return sample[side]
+    return f"{sample[side]}\n[{reason}, {sample[f'{side}_tokens']} tokens]"
 
 
 @main.command("diff")

@@ -284,5 +284,8 @@ def test_compare_shows_answers_before_and_after_fine_tuning(smoke_run):
     samples = shown.json["samples"]
     assert len(samples) == 4 and samples[0]["prompt"] == "浙江省的省会是哪里？"
     assert any(s["before"] != s["after"] for s in samples)  # trained adapters change the answers
+    assert all(s["after_stop_reason"] in ("eos", "length") and s["after_tokens"] >= 1 for s in samples)
     table = run_cli(smoke_run["home"], "compare", run_id)
     assert table.code == 0 and "before and after fine-tuning" in table.stdout and "浙江省" in table.stdout
+    first = samples[0]
+    assert f"[{first['after_stop_reason']}, {first['after_tokens']} tokens]" in table.stdout
