@@ -20,7 +20,8 @@ def dockerfile_base() -> str:
 
 
 def test_the_images_torch_is_the_tested_minor_version():
-    match = re.fullmatch(r"pytorch/pytorch:(\d+)\.(\d+)\.\d+-cuda(\d+)\.(\d+)-cudnn\d+-runtime", dockerfile_base())
+    tag = r"pytorch/pytorch:(\d+)\.(\d+)\.\d+-cuda(\d+)\.(\d+)-cudnn\d+-runtime"
+    match = re.fullmatch(tag, dockerfile_base())
     assert match, dockerfile_base()
     image_minor = tuple(map(int, match.groups()[:2]))
     assert image_minor == tuple(int(part) for part in torch.__version__.split(".")[:2])
