@@ -152,6 +152,21 @@ def epoch_flops(
     }
 
 
+def truncation(full: list[int], limit: int) -> dict[str, float]:
+    """What each --on-truncate policy does to the data at `limit`: the share of samples cut, and,
+    under `drop`, the training tokens lost and how much shorter the remaining samples are (the
+    longest answers are the ones dropped, so the model would learn to answer shorter)."""
+    kept = [n for n in full if n <= limit]
+    trained = sum(min(n, limit) for n in full)
+    return {
+        "max_seq_length": limit,
+        "cut_share": round(1 - len(kept) / len(full), 4),
+        "drop_tokens_lost": round(1 - sum(kept) / trained, 4),
+        "mean_length": round(sum(full) / len(full), 1),
+        "drop_mean_length": round(sum(kept) / len(kept), 1),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--max-seq-length", type=int, default=1280)
@@ -168,6 +183,13 @@ def main() -> None:
         lengths, source = lengths_from_histogram(args.lengths_from, args.records, 0, L), args.lengths_from
     else:
         lengths, source = instinwild_like_lengths(args.records, 0, L), "bench/lengths.py (modelled)"
+    full = (
+        lengths_from_histogram(args.lengths_from, args.records, 0)
+        if args.lengths_from
+        else instinwild_like_lengths(args.records, 0)
+    )
+    for limit in sorted({512, L}):
+        print(json.dumps({"truncation": truncation(full, limit)}))
     measured, config, frozen, lora = per_token_plan()
     print(
         f"{args.records} samples from {source}, max_seq_length {L}: mean "
