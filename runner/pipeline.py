@@ -609,7 +609,7 @@ def _follow_trainer(ctx: RunContext, request: ContainerRun) -> None:
     try:
         _run_container(ctx, request, "train.log")
     except RunFailed:
-        if _watchdog_stop(ctx) is None:
+        if _watchdog_stop(ctx, after_failure=True) is None:
             raise
     else:
         _watchdog_stop(ctx)
@@ -654,11 +654,19 @@ def _budget_left_s(ctx: RunContext) -> float | None:
     return left
 
 
-def _watchdog_stop(ctx: RunContext) -> dict | None:
+def _watchdog_stop(ctx: RunContext, after_failure: bool = False) -> dict | None:
     """The watchdog's decision to stop the trainer, if it made one (its log, brought home, says);
     kept in ctx.watchdog_stop: the run collects what was written, then fails (exit code 4 at a
-    budget cap)."""
-    log = _fetch_watchdog_log(ctx)
+    budget cap).
+
+    After the trainer failed, the log must be read before anything is concluded: the watchdog
+    powers the instance off right after its stop, which can cut the read, and an unread stop
+    would leave a stalled run looking like a failed trainer, with nothing collected. Then the
+    instance is taken for lost (`_train` boots it without the GPU and follows again)."""
+    log = ctx.run_dir / "logs" / "watchdog.log"
+    fresh = _fetch_watchdog_log(ctx)
+    if after_failure and not fresh and ctx.instance_id is not None and _going_off(ctx):
+        raise ProviderFailure(f"instance {ctx.instance_id} went off before the watchdog's log was read")
     stop = budget.watchdog_stop(log.read_text(encoding="utf-8")) if log.is_file() else None
     if stop is not None:
         ctx.reporter.warn(f"the watchdog stopped training: {stop.get('reason')}")
@@ -666,12 +674,13 @@ def _watchdog_stop(ctx: RunContext) -> dict | None:
     return stop
 
 
-def _fetch_watchdog_log(ctx: RunContext) -> Path:
-    """Bring the watchdog's log home (to settle billing with its power-off time); where it is."""
-    log = ctx.run_dir / "logs" / "watchdog.log"
-    with contextlib.suppress(*HOST_LOST):  # the watchdog may be powering off
-        ctx.host.fetch_host_log("watchdog.log", log)
-    return log
+def _fetch_watchdog_log(ctx: RunContext) -> bool:
+    """Bring the watchdog's log home (to settle billing with its power-off time), into
+    logs/watchdog.log; whether a fresh copy came (the watchdog may be powering off)."""
+    try:
+        return ctx.host.fetch_host_log("watchdog.log", ctx.run_dir / "logs" / "watchdog.log")
+    except HOST_LOST:
+        return False
 
 
 def _off_after_training(ctx: RunContext) -> bool:

@@ -3,8 +3,9 @@
 A plain loop: AdamW on the adapters only, linear warm-up then cosine decay, micro-batches of
 samples packed into full rows (or padded to their longest sample, optionally grouped by length),
 gradient accumulation, as many blocks recomputed in backward as a memory budget needs, and data
-parallelism when started by torchrun. Every optimizer step appends one JSON line to OUT/metrics.jsonl; the
-adapters end in OUT/lora.safetensors with their LoRA config in the file's metadata.
+parallelism when started by torchrun. Every optimizer step appends one JSON line to
+OUT/metrics.jsonl; the adapters end in OUT/lora.safetensors with their LoRA config and the
+prompt template in the file's metadata.
 Checkpoints in OUT/checkpoints let a run that was stopped (SIGTERM, SIGINT) or lost continue
 with --resume; on a CPU the continued run ends with the same adapters, bit for bit, as one that
 never stopped, and the same seed always gives the same loss curve.
